@@ -1,0 +1,20 @@
+"""BLIP-Diffusion core: subject encoder, prompt layout, reference text encoder and sampler.
+
+Pure PyTorch; nothing here imports ComfyUI. Modules take an optional `operations`
+namespace (default `torch.nn`) so a host can supply its own Linear/LayerNorm/... classes.
+"""
+
+from .config import QFormerConfig, SubjectEncoderConfig, VisionConfig
+from .loading import read_state_dict
+from .preprocess import preprocess
+from .prompt import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS, build_prompt, splice_context
+from .sampling import alphas_cumprod, plms_call_timesteps, reference_sigmas, reference_timesteps, sample_plms
+from .subject_encoder import Subject, SubjectEncoder, SubjectEncoderModel, load_subject_encoder
+from .text_encoder import TextEncoder, load_text_encoder
+
+__all__ = [
+    "CTX_BEGIN_POS", "MAX_LENGTH", "NUM_QUERY_TOKENS", "QFormerConfig", "Subject", "SubjectEncoder",
+    "SubjectEncoderConfig", "SubjectEncoderModel", "TextEncoder", "VisionConfig", "alphas_cumprod", "build_prompt",
+    "load_subject_encoder", "load_text_encoder", "plms_call_timesteps", "preprocess", "read_state_dict",
+    "reference_sigmas", "reference_timesteps", "sample_plms", "splice_context",
+]

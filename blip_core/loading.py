@@ -1,0 +1,83 @@
+"""Reading weight files safely and loading them strictly.
+
+Weights come from `.safetensors`, or from pickle `.bin`/`.pt`/`.pth` files read with
+`torch.load(weights_only=True)`, which refuses any pickle that would run code.
+Every failure names the file and says what was expected.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+
+
+def find_weights(folder: str | Path, names: tuple[str, ...]) -> Path:
+    """The first of `names` that exists in `folder`, else a FileNotFoundError naming them all."""
+    folder = Path(folder)
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(names)}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint "
+                             f"(torch.load weights_only=True rejected it): {e}") from e
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+        return _unwrap(data, path)
+    raise ValueError(f"unsupported weights file {path}: expected .safetensors or a pickle .bin/.pt/.pth")
+
+
+def _unwrap(data, path: Path) -> dict[str, torch.Tensor]:
+    """Training checkpoints nest the weights under 'model' or 'state_dict'."""
+    for key in ("model", "state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return data
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, progress=None) -> None:
+    """Copy every tensor into `module` (cast to its dtype); any missing, unexpected or
+    mis-shaped tensor is an error. `progress(done, total)` follows the copy."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
+                        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape)
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+        if items:
+            shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{source} does not match the expected model: " + "; ".join(problems))
+    targets = dict(module.named_parameters()) | dict(module.named_buffers())
+    with torch.no_grad():
+        for i, (name, target) in enumerate(targets.items(), 1):
+            target.copy_(state_dict[name])
+            if progress is not None:
+                progress(i, len(targets))

@@ -1,0 +1,37 @@
+"""BLIP-Diffusion's prompt template and token layout.
+
+The conditional prompt is "a {target} {prompt}" repeated to amplify it, tokenized to
+61 CLIP tokens (BOS + 59 text tokens + EOS, padded), and the 16 subject embeddings are
+spliced in after BOS and "a": 2 + 16 + 59 = 77 positions, one CLIP chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+MAX_LENGTH = 77
+NUM_QUERY_TOKENS = 16
+CTX_BEGIN_POS = 2
+
+T = TypeVar("T")
+
+
+def build_prompt(prompt: str, target_subject: str, strength: float = 1.0, reps: int = 20) -> str:
+    """`"a {target} {prompt}"` repeated floor(strength * reps) times, joined by ", "."""
+    one = f"a {target_subject} {prompt.strip()}"
+    return ", ".join([one] * int(strength * reps))
+
+
+def splice_context(text: Sequence[T], context: Sequence[T], bos: T, eos: T, pad: T,
+                   begin: int = CTX_BEGIN_POS, length: int = MAX_LENGTH) -> list[T]:
+    """One chunk of `length` entries: BOS, text (truncated), EOS, padding, with `context` inserted at `begin`.
+
+    `text` holds the prompt's tokens without BOS/EOS; entries may be ids or anything else
+    (ComfyUI token tuples), so the reference encoder and the ComfyUI node share this layout.
+    """
+    room = length - len(context) - 2
+    if room < begin - 1:
+        raise ValueError(f"{len(context)} context entries leave no room in a {length}-token chunk")
+    body = [bos, *text[:room], eos]
+    body += [pad] * (length - len(context) - len(body))
+    return body[:begin] + list(context) + body[begin:]
