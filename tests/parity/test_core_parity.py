@@ -1,0 +1,114 @@
+"""The core against tensors the real diffusers reference produced (tests/fixtures/core_parity.npz).
+
+Regenerate the fixture with `make fixtures` (runs tools/reference/make_parity_fixtures.py
+in the pinned reference venv).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blip_core import build_prompt, load_subject_encoder, load_text_encoder, preprocess
+from blip_core.bert_tokenizer import tokenize_subjects
+from blip_core.sampling import alphas_cumprod, plms_call_timesteps, reference_sigmas, sample_plms
+
+ATOL = 1e-5
+
+
+def case_names(fixture):
+    return [c["name"] for c in fixture.meta["cases"]]
+
+
+def comfy_images(fixture, case) -> torch.Tensor:
+    """The case's uint8 images as a ComfyUI IMAGE batch (float 0..1, [B,H,W,C])."""
+    arrays = [fixture[f"{case['name']}/image{i}"] for i in range(len(case["subjects"]))]
+    return torch.from_numpy(np.stack(arrays)).float() / 255
+
+
+@pytest.fixture(scope="module")
+def encoder(micro_model):
+    return load_subject_encoder(micro_model)
+
+
+@pytest.fixture(scope="module")
+def text_encoder(micro_model):
+    return load_text_encoder(micro_model)
+
+
+@pytest.fixture(params=["square", "wide", "rgba", "gray", "pair"])
+def case(request, core_fixture):
+    return next(c for c in core_fixture.meta["cases"] if c["name"] == request.param)
+
+
+def test_pixel_values_exact(core_fixture, case):
+    pixels = preprocess(comfy_images(core_fixture, case), "squash")
+    assert torch.equal(pixels, torch.from_numpy(core_fixture[f"{case['name']}/pixel_values"]))
+
+
+def test_bert_ids_exact(core_fixture, case):
+    ids, _ = tokenize_subjects(case["subjects"])
+    assert ids.tolist() == core_fixture[f"{case['name']}/bert_ids"].tolist()
+
+
+def test_query_embeddings(core_fixture, case, encoder):
+    out = encoder.encode(comfy_images(core_fixture, case), case["subjects"])
+    ref = torch.from_numpy(core_fixture[f"{case['name']}/query_embeds"])
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_prompt_and_clip_ids(core_fixture, case, text_encoder):
+    prompts = [build_prompt(case["prompt"], case["target"], case["strength"]) for _ in case["subjects"]]
+    assert prompts == case["built_prompts"]
+    ref_ids = core_fixture[f"{case['name']}/clip_ids"].tolist()
+    for prompt, ref in zip(prompts, ref_ids):
+        layout = text_encoder.layout(prompt, num_context=16)
+        assert [t for t in layout if t is not None] == ref  # 61 ids around the 16 context slots
+        assert layout[2:18] == [None] * 16 and len(layout) == 77
+
+
+def test_cond_and_uncond_embeddings(core_fixture, case, text_encoder):
+    name = case["name"]
+    ctx = torch.from_numpy(core_fixture[f"{name}/query_embeds"])
+    cond = text_encoder.encode(case["built_prompts"], ctx=ctx, ctx_begin_pos=2)
+    assert (cond - torch.from_numpy(core_fixture[f"{name}/cond"])).abs().max().item() <= ATOL
+    negatives = [core_fixture.meta["negative"]] * len(case["subjects"])
+    uncond = text_encoder.encode(negatives)
+    assert (uncond - torch.from_numpy(core_fixture[f"{name}/uncond"])).abs().max().item() <= ATOL
+
+
+def test_schedule_exact(core_fixture):
+    assert torch.equal(alphas_cumprod(), torch.from_numpy(core_fixture["schedule/alphas_cumprod"]))
+    for steps in (1, 2, 3, 25, 50):
+        assert plms_call_timesteps(steps) == core_fixture[f"schedule/timesteps_{steps}"].tolist()
+
+
+def synthetic_eps(z: torch.Tensor, t: int, weight: torch.Tensor) -> torch.Tensor:
+    """The same stand-in UNet the fixture tool ran through diffusers' PNDMScheduler."""
+    return torch.tanh(torch.einsum("ij,bjhw->bihw", weight, z) * (1 + t / 1000))
+
+
+@pytest.mark.parametrize("steps", [3, 25])
+def test_plms_matches_diffusers_scheduler(core_fixture, steps):
+    """Our VE-form PLMS (with the no-op last call skipped) reproduces PNDMScheduler.step in VP form."""
+    weight = torch.from_numpy(core_fixture[f"plms_{steps}/weight"])
+    z_init = torch.from_numpy(core_fixture[f"plms_{steps}/z_init"])
+    abar = alphas_cumprod().double()
+    sigmas = reference_sigmas(steps).double()
+    table = ((1 - abar) / abar).sqrt()
+    calls = []
+
+    def eps_fn(x, sigma):
+        t = int((table - sigma).abs().argmin())
+        calls.append(t)
+        z = x / (1 + sigma ** 2).sqrt()
+        return synthetic_eps(z.float(), t, weight).double()
+
+    x = z_init.double() * (1 + sigmas[0] ** 2).sqrt()
+    x = sample_plms(eps_fn, x, sigmas)
+    z_final = x / (1 + sigmas[-1] ** 2).sqrt()
+    assert calls == plms_call_timesteps(steps)[:-1]  # the reference's last call is a no-op
+    ref = torch.from_numpy(core_fixture[f"plms_{steps}/z_final"]).double()
+    assert (z_final - ref).abs().max().item() <= 1e-4

@@ -1,0 +1,118 @@
+"""Run the real diffusers BlipDiffusion(ControlNet)Pipeline once and save its output and stage tensors.
+
+Runs in the reference venv only (diffusers 0.39.0 + transformers 4.53.3):
+
+    .refvenv/bin/python tools/reference/run_pipeline.py REQUEST.json OUT.npz
+
+REQUEST.json: {"model": dir, "image": png, "subject": "dog", "target": "dog", "prompt": "...",
+               "negative": "...", "seed": 0, "steps": 3, "guidance": 7.5, "height": 128, "width": 128,
+               "strength": 1.0, "reps": 20, "control_image": png or null}
+
+OUT.npz: image (float HxWx3 in 0..1), latents_final (unscaled, as a ComfyUI LATENT), noise,
+cond, uncond, timesteps, eps0 (the UNet's first output, both CFG halves) and, with a
+control image, the ControlNet's first down/mid residuals.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
+
+
+def load_pipeline(model: Path, vocab_dir: Path, controlnet: bool):
+    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+    from diffusers import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
+    from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import Blip2Config, CLIPTokenizer
+
+    f32 = {"torch_dtype": torch.float32}
+    config = Blip2Config.from_pretrained(model / "qformer")
+    config.tokenizer = str(vocab_dir)  # the released config has none and would fetch bert-base-uncased
+    parts = dict(
+        tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer"),
+        text_encoder=ContextCLIPTextModel.from_pretrained(model / "text_encoder", **f32),
+        vae=AutoencoderKL.from_pretrained(model / "vae", **f32),
+        unet=UNet2DConditionModel.from_pretrained(model / "unet", **f32),
+        scheduler=PNDMScheduler.from_pretrained(model / "scheduler"),
+        qformer=Blip2QFormerModel.from_pretrained(model / "qformer", config=config, **f32),
+        image_processor=BlipImageProcessor.from_pretrained(model / "image_processor"),
+    )
+    index = json.loads((model / "model_index.json").read_text())
+    extra = {"ctx_begin_pos": index["ctx_begin_pos"], "mean": index["mean"], "std": index["std"]}
+    if controlnet:
+        return BlipDiffusionControlNetPipeline(controlnet=ControlNetModel.from_pretrained(model / "controlnet", **f32),
+                                               **parts, **extra)
+    return BlipDiffusionPipeline(**parts, **extra)
+
+
+def record_first(module, store: dict, key: str, pick=lambda out: out):
+    """Keep the first output of `module` under `key`."""
+    def hook(_, __, out):
+        store.setdefault(key, pick(out))
+    return module.register_forward_hook(hook)
+
+
+def record_all(module, store: list):
+    return module.register_forward_hook(lambda _, __, out: store.append(out[0].detach().clone()))
+
+
+@torch.no_grad()
+def main(request_file: Path, out: Path) -> None:
+    req = json.loads(request_file.read_text())
+    model = Path(req["model"])
+    control = req.get("control_image")
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        shutil.copy(BERT_VOCAB, Path(vocab_dir) / "vocab.txt")
+        pipe = load_pipeline(model, Path(vocab_dir), controlnet=control is not None)
+    pipe.set_progress_bar_config(disable=True)
+    store: dict[str, torch.Tensor] = {}
+    texts: list[torch.Tensor] = []
+    hooks = [record_all(pipe.text_encoder, texts),
+             record_first(pipe.unet, store, "eps0", lambda out: out[0].detach().clone())]
+    if control is not None:
+        hooks.append(record_first(pipe.controlnet, store, "control0", lambda out: out))
+    decode = pipe.vae.decode
+
+    def recording_decode(z, *a, **k):  # the final latent, as the pipeline hands it to the VAE
+        store["latents_final"] = z.detach().clone()
+        return decode(z, *a, **k)
+
+    pipe.vae.decode = recording_decode
+    height, width = req["height"], req["width"]
+    factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    generator = torch.Generator("cpu").manual_seed(req["seed"])
+    noise = torch.randn((1, pipe.unet.config.in_channels, height // factor, width // factor), generator=generator)
+    args = [req["prompt"], Image.open(req["image"]).convert("RGB")]
+    if control is not None:
+        args.append(Image.open(control).convert("RGB"))
+    result = pipe(*args, req["subject"], req["target"], latents=noise.clone(), guidance_scale=req["guidance"],
+                  height=height, width=width, num_inference_steps=req["steps"], neg_prompt=req["negative"],
+                  prompt_strength=req["strength"], prompt_reps=req["reps"], output_type="pt")
+    for h in hooks:
+        h.remove()
+    arrays = {"image": result.images[0].permute(1, 2, 0).numpy(), "noise": noise.numpy(),
+              "cond": texts[0].numpy(), "uncond": texts[1].numpy(), "eps0": store["eps0"].numpy(),
+              "timesteps": pipe.scheduler.timesteps.numpy(),
+              "latents_final": (store["latents_final"] / pipe.vae.config.scaling_factor).numpy()}
+    if control is not None:
+        down, mid = store["control0"]
+        arrays.update({f"control0_down{i}": d.numpy() for i, d in enumerate(down)})
+        arrays["control0_mid"] = mid.numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
