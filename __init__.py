@@ -1,0 +1,10 @@
+"""BLIP-Diffusion for ComfyUI: subject-driven generation from one photo, no fine-tuning.
+
+ComfyUI imports this package; the nodes (and torch-heavy modules) load in comfy_entrypoint.
+"""
+
+
+async def comfy_entrypoint():
+    from .nodes import BlipDiffusionExtension
+
+    return BlipDiffusionExtension()

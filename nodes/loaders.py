@@ -1,0 +1,66 @@
+"""Loader nodes: a whole BLIP-Diffusion folder, or only its subject encoder."""
+
+from __future__ import annotations
+
+from . import paths
+from .api import CATEGORY, SubjectEncoderType, io
+from .models import DTYPES, load_clip, load_subject_encoder_patcher, load_unet, load_vae
+
+WHERE = "Folders in models/blip_diffusion with the released diffusers layout (model_index.json, qformer/, " \
+        "text_encoder/, tokenizer/, unet/, vae/), e.g. a download of Salesforce/blipdiffusion."
+DTYPE_TIP = "Weight precision. auto: float32 on the CPU, ComfyUI's usual half precision on a GPU."
+
+
+class BlipDiffusionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipDiffusionLoader",
+            display_name="BLIP-Diffusion Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a BLIP-Diffusion model: its SD-1.5 UNet, CLIP and VAE through ComfyUI's loaders, "
+                        "and the BLIP-2 subject encoder.",
+            inputs=[
+                io.Combo.Input("model_name", options=paths.model_folders(), tooltip=WHERE),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=DTYPE_TIP),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="BLIP-Diffusion's UNet (SD-1.5 architecture)."),
+                io.Clip.Output(tooltip="BLIP-Diffusion's CLIP text encoder; use it for the prompt fuse and the negative prompt."),
+                io.Vae.Output(tooltip="The SD-1.5 VAE."),
+                SubjectEncoderType.Output(display_name="subject_encoder", tooltip="The BLIP-2 Q-Former subject encoder."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
+        folder = paths.resolve(model_name, what="BLIP-Diffusion model")
+        dtype = DTYPES[weight_dtype]
+        encoder = load_subject_encoder_patcher(folder, weight_dtype)
+        return io.NodeOutput(load_unet(folder, dtype), load_clip(folder), load_vae(folder), encoder)
+
+
+class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipDiffusionSubjectEncoderLoader",
+            display_name="BLIP-Diffusion Subject Encoder Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads only the BLIP-2 subject encoder (Q-Former) of a BLIP-Diffusion model.",
+            inputs=[
+                io.Combo.Input("model_name", options=paths.encoder_entries(),
+                               tooltip="A BLIP-Diffusion folder in models/blip_diffusion (its qformer/ is used), or a "
+                                       "single weights file there (released or original LAVIS key names)."),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=DTYPE_TIP),
+            ],
+            outputs=[SubjectEncoderType.Output(display_name="subject_encoder", tooltip="The BLIP-2 Q-Former subject encoder.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
+        path = paths.resolve(model_name, what="subject encoder")
+        return io.NodeOutput(load_subject_encoder_patcher(path, weight_dtype))
+
+
+NODES = [BlipDiffusionLoader, BlipDiffusionSubjectEncoderLoader]

@@ -1,0 +1,143 @@
+"""Loading a BLIP-Diffusion folder (released diffusers layout) into ComfyUI's own model types.
+
+UNet, CLIP and VAE go through ComfyUI's loaders, so LoRA, patches and memory management
+work as for any SD-1.5 model. The subject encoder is a plain module in a ModelPatcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..blip_core import SubjectEncoder, load_subject_encoder
+
+UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+              "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+TEXT_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def component(folder: Path, sub: str, names: tuple[str, ...]) -> Path:
+    """`folder/sub/<one of names>`, or an error naming the folder and the files expected there."""
+    for name in names:
+        if (folder / sub / name).is_file():
+            return folder / sub / name
+    raise FileNotFoundError(f"{folder.name}: missing {sub}/ weights: expected {folder / sub}/{names[0]} "
+                            f"(or {', '.join(names[1:])}); the folder needs the released BLIP-Diffusion layout")
+
+
+def read_config(folder: Path, sub: str, file: str = "config.json") -> dict:
+    path = folder / sub / file
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder.name}: missing {sub}/{file} (expected {path})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder.name}: {path} is not valid JSON: {e}") from None
+
+
+def ldm_unet_config(cfg: dict) -> dict:
+    """ComfyUI's (LDM) UNet config for a diffusers UNet2DConditionModel config."""
+    widths = list(cfg["block_out_channels"])
+    layers = cfg.get("layers_per_block", 2)
+    layers = layers if isinstance(layers, list) else [layers] * len(widths)
+    attn = [1 if "CrossAttn" in t else 0 for t in cfg["down_block_types"]]
+    heads = cfg.get("attention_head_dim", 8)
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+        "in_channels": cfg.get("in_channels", 4), "out_channels": cfg.get("out_channels", 4),
+        "model_channels": widths[0], "channel_mult": [w // widths[0] for w in widths], "num_res_blocks": layers,
+        "transformer_depth": [a for a, n in zip(attn, layers) for _ in range(n)],
+        "transformer_depth_output": [a for a, n in zip(attn, layers) for _ in range(n + 1)],
+        "transformer_depth_middle": 1, "context_dim": cfg.get("cross_attention_dim", 768),
+        "num_heads": heads if isinstance(heads, int) else heads[0],
+        "use_linear_in_transformer": cfg.get("use_linear_projection", False),
+    }
+
+
+def diffusers_to_ldm(state_dict: dict, unet_config: dict, source: Path) -> dict:
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    unexpected = sorted(set(state_dict) - set(mapping))
+    if unexpected:
+        raise ValueError(f"{source} does not match its config.json (not an SD-1.5-style UNet?): "
+                         f"unexpected tensors {unexpected[:3]}")
+    return {mapping[k]: v for k, v in state_dict.items()}
+
+
+def load_unet(folder: Path, dtype: torch.dtype | None):
+    path = component(folder, "unet", UNET_FILES)
+    ldm = diffusers_to_ldm(comfy.utils.load_torch_file(str(path), safe_load=True),
+                           ldm_unet_config(read_config(folder, "unet")), path)
+    model = comfy.sd.load_diffusion_model_state_dict(dict(ldm), model_options={"dtype": dtype} if dtype else {})
+    if model is None:
+        raise ValueError(f"{path}: ComfyUI does not recognise this UNet as SD-1.5 (BLIP-Diffusion needs width 320 "
+                         "and a 768-wide cross-attention context)")
+    missing = sorted(set(model.model.diffusion_model.state_dict()) - set(ldm))
+    if missing:
+        raise ValueError(f"{path} lacks weights the UNet needs: {missing[:3]} ({len(missing)} in all)")
+    return model
+
+
+def load_clip(folder: Path):
+    path = component(folder, "text_encoder", TEXT_FILES)
+    return comfy.sd.load_clip([str(path)], embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+
+
+def load_vae(folder: Path):
+    path = component(folder, "vae", UNET_FILES)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path), safe_load=True))
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+@dataclass
+class LoadedSubjectEncoder:
+    """The BLIPD_SUBJECT_ENCODER payload: the core encoder and the patcher that places it."""
+
+    encoder: SubjectEncoder
+    patcher: comfy.model_patcher.ModelPatcher
+    compute_dtype: torch.dtype
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, categories, preprocess: str, mask=None) -> torch.Tensor:
+        mm.load_models_gpu([self.patcher])
+        out = self.encoder.encode(images, categories, preprocess, mask, device=self.patcher.load_device,
+                                  dtype=self.compute_dtype)
+        return out.to(mm.intermediate_device())
+
+
+def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """auto: float32 on the CPU (half precision is slow there), else ComfyUI's text-encoder dtype."""
+    if DTYPES[choice] is not None:
+        return DTYPES[choice]
+    return torch.float32 if mm.is_device_cpu(device) else mm.text_encoder_dtype(device)
+
+
+def load_subject_encoder_patcher(path: Path, dtype_choice: str) -> LoadedSubjectEncoder:
+    load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    dtype = encoder_dtype(dtype_choice, load_device)
+    pbar = comfy.utils.ProgressBar(100)
+
+    def progress(done: int, total: int) -> None:
+        percent = done * 100 // total
+        if percent != pbar.current:
+            pbar.update_absolute(percent)
+
+    encoder = load_subject_encoder(path, device=offload_device, dtype=dtype, operations=comfy.ops.manual_cast,
+                                   progress=progress)
+    patcher = comfy.model_patcher.ModelPatcher(encoder.model, load_device=load_device, offload_device=offload_device)
+    logging.info("BLIP-Diffusion: subject encoder %s loaded (%s)", path.name, dtype)
+    return LoadedSubjectEncoder(encoder, patcher, dtype)

@@ -1,0 +1,101 @@
+"""The multimodal prompt: subject embeddings spliced into the prompt, encoded by ComfyUI's own CLIP.
+
+ComfyUI's SD-1 CLIP accepts tensors inside the token list and inserts them into the
+token-embedding sequence before the position embeddings are added: exactly what
+BLIP-Diffusion's context-aware CLIP does. The result is a native CONDITIONING that the
+stock KSampler, ControlNet and conditioning nodes accept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blip_core import build_prompt, splice_context
+from .api import CATEGORY, SubjectType, io
+
+MULTI_IMAGE = ("average", "per latent")
+
+
+def _text_entries(chunks: list[list[tuple]], eos) -> list[tuple]:
+    """The prompt's entries across ComfyUI's 77-token chunks, without BOS/EOS/padding."""
+    entries = []
+    for chunk in chunks:
+        for entry in chunk[1:]:
+            if isinstance(entry[0], int) and entry[0] == eos:
+                break
+            entries.append(entry[:2])
+    return entries
+
+
+def fused_tokens(clip, text: str, context: torch.Tensor) -> dict:
+    """ComfyUI tokens of one chunk: BOS, "a", the context rows, the rest of the text, EOS, padding."""
+    empty = clip.tokenize("")["l"][0]
+    bos, eos, pad = empty[0][0], empty[1][0], empty[-1][0]
+    entries = _text_entries(clip.tokenize(text)["l"], eos)
+    ctx = [(row, 1.0) for row in context]
+    return {"l": [splice_context(entries, ctx, (bos, 1.0), (eos, 1.0), (pad, 1.0))]}
+
+
+def _merge_batch(conditionings: list[list]) -> list:
+    """N single-image CONDITIONINGs of equal structure -> one whose tensors have batch N."""
+    merged = []
+    for parts in zip(*conditionings):
+        cond = torch.cat([p[0] for p in parts])
+        extra = dict(parts[0][1])
+        if extra.get("pooled_output") is not None:
+            extra["pooled_output"] = torch.cat([p[1]["pooled_output"] for p in parts])
+        merged.append([cond, extra])
+    return merged
+
+
+def encode_fused(clip, text: str, embeds: torch.Tensor) -> list:
+    """CONDITIONING with one batch row per row of `embeds` [N,16,D]."""
+    encoders = sorted(clip.tokenize(""))
+    if encoders != ["l"]:
+        raise ValueError(f"clip: BLIP-Diffusion needs an SD-1.5 CLIP (CLIP-L only); this CLIP has encoders {encoders}")
+    width = clip.tokenizer.clip_l.embedding_size
+    if embeds.shape[-1] != width:
+        raise ValueError(f"subject: its embeddings are {embeds.shape[-1]} wide but this CLIP's tokens are {width} "
+                         "wide; use the CLIP of the same BLIP-Diffusion model")
+    return _merge_batch([clip.encode_from_tokens_scheduled(fused_tokens(clip, text, row)) for row in embeds])
+
+
+class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipDiffusionMultimodalPromptFuse",
+            display_name="BLIP-Diffusion Multimodal Prompt",
+            category=f"{CATEGORY}/conditioning",
+            description="Builds BLIP-Diffusion's prompt \"a <target> <prompt>\" (repeated), inserts the subject "
+                        "embeddings after \"a\" and encodes it with CLIP into a regular CONDITIONING.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the BLIP-Diffusion model (from the BLIP-Diffusion Loader)."),
+                SubjectType.Input("subject", tooltip="From the BLIP-Diffusion Subject Encoder (or a loaded/blended subject)."),
+                io.String.Input("prompt", multiline=True, default="swimming underwater",
+                                tooltip="What the subject does or where it is; the template adds \"a <target>\" in front."),
+                io.String.Input("target_subject", default="",
+                                tooltip="The category to render, e.g. 'tiger' for a tiger that looks like the dog. "
+                                        "Empty: the subject's own category."),
+                io.Float.Input("prompt_strength", default=1.0, min=0.0, max=5.0, step=0.05,
+                               tooltip="Repeats the text floor(strength x reps) times to amplify it (0 = no text). "
+                                       "Only the first 59 text tokens fit."),
+                io.Int.Input("prompt_reps", default=20, min=0, max=100,
+                             tooltip="Base number of repetitions of \"a <target> <prompt>\"."),
+                io.Combo.Input("multi_image", options=list(MULTI_IMAGE), default="average",
+                               tooltip="With several subject images: average them into one subject, or give image i to "
+                                       "latent i of the batch."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Positive conditioning for any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, subject, prompt: str, target_subject: str, prompt_strength: float, prompt_reps: int,
+                multi_image: str) -> io.NodeOutput:
+        target = target_subject.strip() or subject.category
+        text = build_prompt(prompt, target, prompt_strength, prompt_reps)
+        embeds = subject.embeds if multi_image == "per latent" else subject.embeds.mean(dim=0, keepdim=True)
+        return io.NodeOutput(encode_fused(clip, text, embeds))
+
+
+NODES = [BlipDiffusionMultimodalPromptFuse]

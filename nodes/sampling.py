@@ -1,0 +1,164 @@
+"""Sampling: the reference PLMS sampler on ComfyUI's machinery (CFG, ControlNet, previews, cancel)."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..blip_core import reference_sigmas, sample_plms
+from .api import CATEGORY, io
+
+SAMPLERS = ["pndm", *comfy.samplers.KSampler.SAMPLERS]
+SCHEDULERS = ["reference", *comfy.samplers.KSampler.SCHEDULERS]
+
+
+class ReferencePLMS(comfy.samplers.Sampler):
+    """diffusers' PNDMScheduler (PLMS mode) as a ComfyUI SAMPLER.
+
+    Starting from an empty latent it draws the initial sample as the reference does,
+    unit-variance noise in VP form (x = noise * sqrt(1 + sigma^2)), and it returns the VP
+    sample at the last sigma, which is what the reference decodes.
+    """
+
+    def __init__(self, full_denoise: bool | None = None):
+        self.full_denoise = full_denoise  # None: decide by whether the latent is empty
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model.latent_image, model.noise = latent_image, noise
+        full = self.full_denoise
+        if full is None:
+            full = latent_image is None or torch.count_nonzero(latent_image) == 0
+        start = (1 + sigmas[0] ** 2).sqrt() if full else sigmas[0]
+        x = noise * start + (latent_image if latent_image is not None else 0)
+        ones = x.new_ones([x.shape[0]])
+
+        def eps(x, sigma):
+            return (x - model(x, sigma * ones, **extra_args)) / sigma
+
+        def on_step(i, x, denoised):
+            if callback is not None:
+                callback(i, denoised, x, len(sigmas) - 1)
+
+        x = sample_plms(eps, x, sigmas, on_step)
+        return x / (1 + sigmas[-1] ** 2).sqrt()
+
+
+def sampler_sigmas(model, sampler_name: str, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    """The sigmas a KSampler would use, plus the `reference` schedule (PNDM's timesteps)."""
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    total = steps if denoise >= 0.9999 else int(steps / denoise)
+    if scheduler == "reference":
+        sigmas = reference_sigmas(total)
+        if sampler_name != "pndm":  # ComfyUI's samplers end on sigma 0, the clean image
+            sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
+    else:
+        sigmas = comfy.samplers.KSampler(model, steps=total, device="cpu", sampler=sampler_name, scheduler=scheduler).sigmas
+    return sigmas[-(steps + 1):]
+
+
+def check_batches(positive, negative, batch: int) -> None:
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        for cond, _ in conditioning:
+            if cond.shape[0] not in (1, batch):
+                raise ValueError(f"{name}: a conditioning of batch {cond.shape[0]} cannot be paired with "
+                                 f"{batch} latents (use 1, or one per latent)")
+
+
+class BlipDiffusionSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipDiffusionSampler",
+            display_name="BLIP-Diffusion Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="A KSampler whose defaults reproduce the BLIP-Diffusion release: pndm (PLMS) on the reference "
+                        "schedule, same noise for the same seed. Every ComfyUI sampler and scheduler works too.",
+            inputs=[
+                io.Model.Input("model", tooltip="The BLIP-Diffusion UNet (or any SD-1.5 MODEL, LoRAs and patches included)."),
+                io.Conditioning.Input("positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."),
+                io.Conditioning.Input("negative", tooltip="Usually a CLIPTextEncode of the negative prompt."),
+                io.Latent.Input("latent_image", tooltip="An empty latent for text-to-image, or VAE-encoded for img2img."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; equals the reference's torch.Generator('cpu').manual_seed(seed)."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps (the reference uses 50)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=SAMPLERS, default="pndm",
+                               tooltip="pndm: the reference PLMS sampler. The others are ComfyUI's."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default="reference",
+                               tooltip="reference: PNDM's timesteps (e.g. 25 steps: 960, 920, 880, ...). "
+                                       "The others are ComfyUI's."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1: keep part of the input latent (img2img)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="Denoised latent; decode it with VAEDecode.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
+                scheduler: str, denoise: float) -> io.NodeOutput:
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        check_batches(positive, negative, latent.shape[0])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        sigmas = sampler_sigmas(model, sampler_name, scheduler, steps, denoise)
+        if sampler_name == "pndm":
+            sampler = ReferencePLMS(full_denoise=denoise >= 0.9999)
+        else:
+            sampler = comfy.samplers.sampler_object(sampler_name)
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                             noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return io.NodeOutput(out)
+
+
+class BlipDiffusionPLMSSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipDiffusionPLMSSampler",
+            display_name="BLIP-Diffusion PLMS Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="The reference PLMS (pndm) sampler for SamplerCustom / SamplerCustomAdvanced. Pair it with "
+                        "BLIP-Diffusion Reference Sigmas to reproduce the release.",
+            inputs=[],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(ReferencePLMS())
+
+
+class BlipDiffusionReferenceSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlipDiffusionReferenceSigmas",
+            display_name="BLIP-Diffusion Reference Sigmas",
+            category=f"{CATEGORY}/sampling",
+            description="PNDM's reference schedule as SIGMAS (for the BLIP-Diffusion PLMS Sampler).",
+            inputs=[
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps (the reference uses 50)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1: only the last part of the schedule (img2img)."),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, steps: int, denoise: float) -> io.NodeOutput:
+        return io.NodeOutput(sampler_sigmas(None, "pndm", "reference", steps, denoise))
+
+
+NODES = [BlipDiffusionSampler, BlipDiffusionPLMSSampler, BlipDiffusionReferenceSigmas]
