@@ -1,4 +1,10 @@
-"""Shared test fixtures: generated model folders and the committed reference fixtures."""
+"""Shared test fixtures: the real ComfyUI server, generated model folders, the reference fixtures.
+
+The server (tools/comfy_server.py) runs with a base directory that links this pack and the
+test-only probe pack (tests/comfy/probe_pack) into custom_nodes/ and holds a generated tiny
+BLIP-Diffusion model in models/blip_diffusion/. It runs in float32 throughout: the parity
+tests compare with the float32 reference.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from comfy_server import Comfy, ComfyServer, prepare_base  # noqa: E402
 from make_tiny_model import make_model, weights_digest  # noqa: E402
+
+TINY = "blipdiffusion"  # models/blip_diffusion/blipdiffusion (with controlnet/), as the workflows name it
 
 
 class ReferenceFixture:
@@ -42,3 +51,25 @@ def micro_model(tmp_path_factory, core_fixture) -> Path:
         pytest.fail("tests/fixtures/core_parity.npz was made from other weights than tools/make_tiny_model.py "
                     "writes now: run `make fixtures` to regenerate it with the reference")
     return path
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    base = prepare_base(tmp_path_factory.mktemp("comfybase"),
+                        {"probe_pack": Path(__file__).parent / "comfy" / "probe_pack"})
+    for image in (ROOT / "workflows" / "images").glob("*.jpg"):  # what the example workflows load
+        (base / "input" / image.name).write_bytes(image.read_bytes())
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_model(comfy_base) -> str:
+    """Made before any workflow loads it: ComfyUI caches loader outputs by input values."""
+    make_model(comfy_base / "models" / "blip_diffusion" / TINY, size="tiny", controlnet=True)
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base, tiny_model) -> Comfy:
+    with ComfyServer(comfy_base, ["--force-fp32", "--fp32-text-enc"]) as client:
+        yield client
