@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(Path(__file__).parent))  # tests/graphs.py
 
 from comfy_server import Comfy, ComfyServer, prepare_base  # noqa: E402
 from make_tiny_model import make_model, weights_digest  # noqa: E402

@@ -85,7 +85,7 @@ def main(request_file: Path, out: Path) -> None:
         hooks.append(record_first(pipe.controlnet, store, "control0", lambda out: out))
     decode = pipe.vae.decode
 
-    def recording_decode(z, *a, **k):  # the final latent, as the pipeline hands it to the VAE
+    def recording_decode(z, *a, **k):  # the pipeline decodes latents / scaling_factor: ComfyUI's LATENT
         store["latents_final"] = z.detach().clone()
         return decode(z, *a, **k)
 
@@ -105,7 +105,7 @@ def main(request_file: Path, out: Path) -> None:
     arrays = {"image": result.images[0].permute(1, 2, 0).numpy(), "noise": noise.numpy(),
               "cond": texts[0].numpy(), "uncond": texts[1].numpy(), "eps0": store["eps0"].numpy(),
               "timesteps": pipe.scheduler.timesteps.numpy(),
-              "latents_final": (store["latents_final"] / pipe.vae.config.scaling_factor).numpy()}
+              "latents_final": store["latents_final"].numpy()}
     if control is not None:
         down, mid = store["control0"]
         arrays.update({f"control0_down{i}": d.numpy() for i, d in enumerate(down)})
