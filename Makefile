@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt
 REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt
 
-.PHONY: setup demo test fixtures workflows ui-deps
+.PHONY: setup demo test fixtures workflows ui-deps bench
 
 setup: $(VENV)/.ready
 
@@ -42,3 +42,7 @@ fixtures: $(VENV)/.ready $(REFVENV)/.ready
 # Rewrite the UI workflows (workflows/*.json) from their API twins (workflows/api/*.json).
 workflows: $(VENV)/.ready
 	$(PY) tools/workflows.py
+
+# The pack against the real reference on full-size random weights (CPU here; --device cuda on a GPU).
+bench: $(VENV)/.ready $(REFVENV)/.ready
+	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) bench/run.py $(BENCH_ARGS)
