@@ -72,5 +72,5 @@ def tiny_model(comfy_base) -> str:
 
 @pytest.fixture(scope="session")
 def comfy(comfy_base, tiny_model) -> Comfy:
-    with ComfyServer(comfy_base, ["--force-fp32", "--fp32-text-enc"]) as client:
+    with ComfyServer(comfy_base, ["--force-fp32", "--fp32-text-enc", "--preview-method", "latent2rgb"]) as client:
         yield client

@@ -50,9 +50,9 @@ class Comfy:
         assert status == 200, (path, status, body[:500])
         return json.loads(body)
 
-    def submit(self, prompt: dict):
+    def submit(self, prompt: dict, client_id: str | None = None):
         """POST /prompt -> (http status, json). 400 = validation error, nothing queued."""
-        status, body = self.request("POST", "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+        status, body = self.request("POST", "/prompt", {"prompt": prompt, "client_id": client_id or str(uuid.uuid4())})
         return status, json.loads(body)
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
