@@ -200,10 +200,13 @@ def clip_tokenizer_dir() -> Path:
 
 def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: str = "fp16", controlnet: bool = False,
                seed: int = 0, clip_tokenizer: Path | None = None) -> Path:
-    out = Path(out)
+    """Write the folder; it appears under its name only once complete (callers cache on its existence)."""
+    final = Path(out)
+    out = final.with_name(final.name + ".partial")
     weight_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    if out.exists():
-        shutil.rmtree(out)
+    for path in (out, final):
+        if path.exists():
+            shutil.rmtree(path)
     out.mkdir(parents=True)
     te_stem = "model" if fmt == "safetensors" else "pytorch_model"
     df_stem = "diffusion_pytorch_model"
@@ -229,7 +232,7 @@ def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: s
     write_json(out / "image_processor" / "preprocessor_config.json", IMAGE_PROCESSOR_CONFIG)
     write_json(out / "model_index.json", model_index(controlnet))
     if size == "micro":
-        return out
+        return out.rename(final)
 
     components = {"unet": unet_config(size), "vae": VAE_CONFIG}
     if controlnet:
@@ -237,7 +240,7 @@ def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: s
     for name, config in components.items():
         write_json(out / name / "config.json", config)
         save_weights(state_dict(diffusers_shapes(config), seed, weight_dtype, name), out / name, df_stem, fmt)
-    return out
+    return out.rename(final)
 
 
 def main() -> None:
