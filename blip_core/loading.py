@@ -39,15 +39,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
     if suffix in PICKLE_SUFFIXES:
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint "
-                             f"(torch.load weights_only=True rejected it): {e}") from e
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-        return _unwrap(data, path)
+        return _unwrap(load_pickle(path), path)
     raise ValueError(f"unsupported weights file {path}: expected .safetensors or a pickle .bin/.pt/.pth")
+
+
+def load_pickle(path: str | Path):
+    """A PyTorch pickle file read with `torch.load(weights_only=True)`: tensors and plain containers only."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint "
+                         f"(torch.load weights_only=True rejected it): {e}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
 def _unwrap(data, path: Path) -> dict[str, torch.Tensor]:

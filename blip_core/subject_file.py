@@ -1,0 +1,108 @@
+"""Subject files: an encoded subject in a .safetensors file, and import of LAVIS fine-tuned subjects.
+
+Format version 1 (safetensors, never pickle):
+  tensor   "embeds"    float32 [N, 16, D], one row per view (D = 768 for BLIP-Diffusion)
+  metadata "format"    "blip_diffusion_subject"
+           "version"   "1"
+           "category"  the subject's category word, e.g. "dog"
+           + the subject's own metadata, all strings (the encoder node writes "preprocess",
+             "encoder", "image_sha256"; blends add "blend"; LAVIS imports "source", "checkpoint")
+A reader checks "format" and "version" before anything else, so a file of a later layout is
+reported as such instead of being misread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .loading import load_pickle
+from .prompt import NUM_QUERY_TOKENS
+from .subject_encoder import Subject
+
+FORMAT = "blip_diffusion_subject"
+VERSION = "1"
+RESERVED = ("format", "version", "category")
+WRITERS = "BLIP-Diffusion Save Subject or tools/import_lavis_subject.py"
+
+
+def _check_embeds(embeds: torch.Tensor, source) -> None:
+    if embeds.ndim != 3 or embeds.shape[1] != NUM_QUERY_TOKENS:
+        raise ValueError(f"{source}: subject embeddings must have shape [views, {NUM_QUERY_TOKENS}, width], "
+                         f"got {tuple(embeds.shape)}")
+
+
+def save_subject(subject: Subject, path: str | Path) -> None:
+    """Write `subject` to `path` (format version 1)."""
+    _check_embeds(subject.embeds, "subject")
+    if not subject.category.strip():
+        raise ValueError("subject: the category is empty; a subject file needs one")
+    clashes = sorted(set(subject.metadata) & set(RESERVED))
+    if clashes:
+        raise ValueError(f"subject: metadata keys {clashes} are reserved for the file format")
+    metadata = {"format": FORMAT, "version": VERSION, "category": subject.category,
+                **{k: str(v) for k, v in subject.metadata.items()}}
+    embeds = subject.embeds.detach().to("cpu", torch.float32).contiguous()
+    save_file({"embeds": embeds}, str(path), metadata=metadata)
+
+
+def load_subject(path: str | Path) -> Subject:
+    """Read a subject file; a file of another kind or version is an error that says what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"subject file not found: {path}")
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"{path.name} is not a BLIP-Diffusion subject file: expected metadata "
+                                 f"format={FORMAT!r}, as written by {WRITERS}")
+            if metadata.get("version") != VERSION:
+                raise ValueError(f"{path.name} is a subject file of format version {metadata.get('version')!r}; "
+                                 f"this pack reads version {VERSION!r} (a newer pack wrote it? update this one)")
+            if "embeds" not in f.keys():
+                raise ValueError(f"{path.name}: a subject file of version {VERSION} needs an 'embeds' tensor; "
+                                 f"it holds {sorted(f.keys())}")
+            embeds = f.get_tensor("embeds")
+    except SafetensorError as e:
+        raise ValueError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    _check_embeds(embeds, path.name)
+    category = metadata.get("category", "").strip()
+    if not category:
+        raise ValueError(f"{path.name}: the subject file has no category in its metadata")
+    extra = {k: v for k, v in metadata.items() if k not in RESERVED}
+    return Subject(embeds.float(), category, extra)
+
+
+def read_lavis_ctx_cache(path: str | Path) -> torch.Tensor:
+    """`ctx_embeddings_cache` of a LAVIS BLIP-Diffusion fine-tuned checkpoint, [1, 16, 768].
+
+    Accepts a training checkpoint (the tensor under "model", or at the top level) and the
+    bare tensor of a pretrained folder's ctx_embeddings_cache/ctx_embeddings_cache.pt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
+    data = load_pickle(path)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    cache = data.get("ctx_embeddings_cache") if isinstance(data, dict) else data
+    if not isinstance(cache, torch.Tensor):
+        raise ValueError(f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
+                         "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt")
+    _check_embeds(cache, path)
+    if not cache.any():
+        # LAVIS initialises the cache to zeros; only fine-tuning fills it.
+        raise ValueError(f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject")
+    return cache.float()
+
+
+def subject_from_lavis(path: str | Path, category: str) -> Subject:
+    """A LAVIS fine-tuned subject (its cached embeddings) as a Subject named `category`."""
+    if not category.strip():
+        raise ValueError("the subject category is empty: name the fine-tuned subject, e.g. 'dog'")
+    return Subject(read_lavis_ctx_cache(path), category.strip(),
+                   {"source": "LAVIS ctx_embeddings_cache", "checkpoint": Path(path).name})
