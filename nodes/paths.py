@@ -8,16 +8,20 @@ from pathlib import Path
 import folder_paths
 
 MODELS = "blip_diffusion"
+SUBJECTS = "blip_diffusion_subjects"
 WEIGHT_SUFFIXES = {".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt"}
+SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
+INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (folder_paths.annotated_filepath)
 
 
 def register() -> None:
-    """`models/blip_diffusion`, keeping any extra paths from extra_model_paths.yaml."""
-    default = os.path.join(folder_paths.models_dir, MODELS)
-    paths = folder_paths.folder_names_and_paths.get(MODELS, ([], set()))[0]
-    if default not in paths:
-        paths = [default, *paths]
-    folder_paths.folder_names_and_paths[MODELS] = (paths, set(folder_paths.supported_pt_extensions))
+    """`models/blip_diffusion` and `models/blip_diffusion_subjects`, keeping extra paths from extra_model_paths.yaml."""
+    for kind, suffixes in ((MODELS, set(folder_paths.supported_pt_extensions)), (SUBJECTS, {SUBJECT_SUFFIX})):
+        default = os.path.join(folder_paths.models_dir, kind)
+        paths = folder_paths.folder_names_and_paths.get(kind, ([], set()))[0]
+        if default not in paths:
+            paths = [default, *paths]
+        folder_paths.folder_names_and_paths[kind] = (paths, suffixes)
 
 
 def roots(kind: str = MODELS) -> list[Path]:
@@ -45,12 +49,46 @@ def encoder_entries() -> list[str]:
 
 def resolve(name: str, kind: str = MODELS, what: str = "model") -> Path:
     """The path of `name` inside one of the `kind` folders; never outside them."""
+    return _inside(name, roots(kind), f"models/{kind}", what)
+
+
+def escapes(name: str) -> bool:
+    """Whether a user-typed relative name could point outside the folder it is joined to.
+
+    `anchor` also catches a drive or a root without a drive ("\\x" on Windows), which
+    `is_absolute()` lets through and which would replace the folder when joined.
+    """
     candidate = Path(name)
-    if not name or candidate.is_absolute() or ".." in candidate.parts:
-        raise ValueError(f"{what} {name!r} must be a name inside models/{kind}, not a path")
-    for root in roots(kind):
+    return not name.strip() or bool(candidate.anchor) or ".." in candidate.parts
+
+
+def _inside(name: str, folders: list[Path], where: str, what: str) -> Path:
+    candidate = Path(name)
+    if escapes(name):
+        raise ValueError(f"{what} {name!r} must be a name inside {where}, not a path")
+    for root in folders:
         path = root / candidate  # lexically inside root; links an admin placed there are followed
         if path.exists():
             return path
-    searched = ", ".join(str(r) for r in roots(kind))
-    raise FileNotFoundError(f"{what} {name!r} not found in models/{kind} (searched: {searched})")
+    searched = ", ".join(str(r) for r in folders)
+    raise FileNotFoundError(f"{what} {name!r} not found in {where} (searched: {searched})")
+
+
+def subject_files() -> list[str]:
+    """Subject files in models/blip_diffusion_subjects (with subfolders), then those in the input folder, tagged."""
+    input_dir = Path(folder_paths.get_input_directory())
+    inputs = sorted(p.name + INPUT_TAG for p in input_dir.glob("*" + SUBJECT_SUFFIX) if p.is_file())
+    return [*folder_paths.get_filename_list(SUBJECTS), *inputs]
+
+
+def resolve_subject_file(name: str) -> Path:
+    """A `subject_files()` entry -> its path, inside models/blip_diffusion_subjects or the input folder."""
+    if name.endswith(INPUT_TAG):
+        path = _inside(name[:-len(INPUT_TAG)], [Path(folder_paths.get_input_directory())], "the input folder",
+                       "subject_file")
+    else:
+        path = _inside(name, roots(SUBJECTS), f"models/{SUBJECTS} (or the input folder, tagged {INPUT_TAG.strip()})",
+                       "subject_file")
+    if path.suffix.lower() != SUBJECT_SUFFIX:
+        raise ValueError(f"subject_file {name!r}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)")
+    return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blip_core import build_prompt, splice_context
+from ..blip_core import average_views, build_prompt, parse_weights, splice_context
 from .api import CATEGORY, SubjectType, io
 
 MULTI_IMAGE = ("average", "per latent")
@@ -85,17 +85,32 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
                 io.Combo.Input("multi_image", options=list(MULTI_IMAGE), default="average",
                                tooltip="With several subject images: average them into one subject, or give image i to "
                                        "latent i of the batch."),
+                io.String.Input("image_weights", default="", optional=True,  # optional: older prompts lack it
+                                tooltip="average only: one weight per subject image, comma-separated, e.g. '2, 1, 1' "
+                                        "(scaled to sum 1). Empty: equal weights."),
             ],
             outputs=[io.Conditioning.Output(tooltip="Positive conditioning for any sampler.")],
         )
 
     @classmethod
     def execute(cls, clip, subject, prompt: str, target_subject: str, prompt_strength: float, prompt_reps: int,
-                multi_image: str) -> io.NodeOutput:
+                multi_image: str, image_weights: str = "") -> io.NodeOutput:
         target = target_subject.strip() or subject.category
         text = build_prompt(prompt, target, prompt_strength, prompt_reps)
-        embeds = subject.embeds if multi_image == "per latent" else subject.embeds.mean(dim=0, keepdim=True)
-        return io.NodeOutput(encode_fused(clip, text, embeds))
+        return io.NodeOutput(encode_fused(clip, text, subject_rows(subject.embeds, multi_image, image_weights)))
+
+
+def subject_rows(embeds: torch.Tensor, multi_image: str, image_weights: str) -> torch.Tensor:
+    """The subject rows to encode: one per latent, or the (weighted) average of the views."""
+    if multi_image == "per latent":
+        if image_weights.strip():
+            raise ValueError("image_weights: weights apply to multi_image 'average' only; clear them for 'per latent'")
+        return embeds
+    try:
+        weights = parse_weights(image_weights, embeds.shape[0])
+    except ValueError as e:
+        raise ValueError(f"image_weights: {e}") from None
+    return average_views(embeds, weights)
 
 
 NODES = [BlipDiffusionMultimodalPromptFuse]

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NODE_IDS = [
     "BlipDiffusionLoader", "BlipDiffusionSubjectEncoderLoader", "BlipDiffusionSubjectEncoder",
     "BlipDiffusionMultimodalPromptFuse", "BlipDiffusionSampler", "BlipDiffusionPLMSSampler",
-    "BlipDiffusionReferenceSigmas",
+    "BlipDiffusionReferenceSigmas", "BlipDiffusionSubjectBlend", "BlipDiffusionSaveSubject", "BlipDiffusionLoadSubject",
 ]
 
 

@@ -1,0 +1,225 @@
+"""Subject tools through the real server: several views, per-image weights, one image per latent,
+blends, save/load of subject files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from comfy_server import execution_error
+
+CAT, CUP = "blipd_example_cat.jpg", "blipd_example_cup.jpg"
+
+
+class Graph:
+    """An API-format prompt built node by node; `add` returns the node's id."""
+
+    def __init__(self, model: str):
+        self.nodes: dict[str, dict] = {}
+        self.model = self.add("BlipDiffusionLoader", model_name=model, weight_dtype="auto")
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+    def image(self, name: str = CAT) -> list:
+        return [self.add("LoadImage", image=name), 0]
+
+    def encode(self, image: list, category: str = "cat") -> list:
+        return [self.add("BlipDiffusionSubjectEncoder", subject_encoder=[self.model, 3], image=image, subject=category,
+                         preprocess="squash"), 0]
+
+    def fuse(self, subject: list, multi_image: str = "average", **extra) -> list:
+        return [self.add("BlipDiffusionMultimodalPromptFuse", clip=[self.model, 1], subject=subject, prompt="on a beach",
+                         target_subject="", prompt_strength=1.0, prompt_reps=20, multi_image=multi_image, **extra), 0]
+
+    def probe(self, name: str, **tensors) -> None:
+        self.add("ProbeSaveTensors", name=name, **tensors)
+
+
+def batch(g: Graph, *images: list) -> list:
+    out = images[0]
+    for image in images[1:]:
+        out = [g.add("ImageBatch", image1=out, image2=image), 0]
+    return out
+
+
+def flipped(g: Graph, image: list) -> list:
+    return [g.add("ImageFlip", image=image, flip_method="y-axis: horizontally"), 0]
+
+
+def test_averaging_identical_views_equals_one_view(comfy, tiny_model):
+    g = Graph(tiny_model)
+    cat = g.image()
+    one, three = g.encode(cat), g.encode([g.add("RepeatImageBatch", image=cat, amount=3), 0])
+    g.probe("views_one", subject=one, conditioning=g.fuse(one))
+    g.probe("views_three", subject=three, conditioning=g.fuse(three))
+    comfy.run_ok(g.nodes)
+    (one_t, _), (three_t, meta) = comfy.probe("views_one"), comfy.probe("views_three")
+    assert three_t["subject"].shape == (3, 16, 768) and meta["category"] == "cat"
+    assert three_t["cond0"].shape == one_t["cond0"].shape == (1, 77, 768)
+    torch.testing.assert_close(three_t["cond0"], one_t["cond0"], rtol=0, atol=1e-5)
+
+
+def test_image_weights_one_zero_equal_the_first_image_alone(comfy, tiny_model):
+    g = Graph(tiny_model)
+    cat = g.image()
+    two = g.encode(batch(g, cat, flipped(g, cat)))
+    g.probe("weights_first", conditioning=g.fuse(two, image_weights="1, 0"))
+    g.probe("weights_second", conditioning=g.fuse(two, image_weights="0, 3"))
+    g.probe("weights_equal", conditioning=g.fuse(two, image_weights=""))
+    g.probe("weights_rows", conditioning=g.fuse(two, "per latent"))
+    comfy.run_ok(g.nodes)
+    rows = comfy.probe("weights_rows")[0]["cond0"]
+    first, second, equal = (comfy.probe(f"weights_{n}")[0]["cond0"] for n in ("first", "second", "equal"))
+    # The same embeddings through the same CLIP: bit for bit.
+    assert torch.equal(first[0], rows[0]) and torch.equal(second[0], rows[1])
+    assert not torch.allclose(first, equal, atol=1e-3) and not torch.allclose(second, equal, atol=1e-3)
+
+
+def test_bad_image_weights_name_the_input(comfy, tiny_model):
+    g = Graph(tiny_model)
+    g.probe("bad_weights", conditioning=g.fuse(g.encode(g.image()), image_weights="1, 2"))
+    error = execution_error(comfy.run(g.nodes))
+    assert error["node_type"] == "BlipDiffusionMultimodalPromptFuse"
+    assert "image_weights: expected 1 weights (one per subject image), got 2" in error["exception_message"]
+
+
+def per_latent_sample(comfy, tiny_model, views: tuple[str, str], name: str) -> torch.Tensor:
+    """Latents of a 2-latent batch sampled with a per-latent subject of two views ('cat' or 'flip')."""
+    g = Graph(tiny_model)
+    cat = g.image()
+    images = {"cat": cat, "flip": flipped(g, cat)}
+    positive = g.fuse(g.encode(batch(g, *(images[v] for v in views))), "per latent")
+    negative = [g.add("CLIPTextEncode", clip=[g.model, 1], text=""), 0]
+    latent = [g.add("EmptyLatentImage", width=64, height=64, batch_size=2), 0]
+    samples = [g.add("BlipDiffusionSampler", model=[g.model, 0], positive=positive, negative=negative,
+                     latent_image=latent, seed=7, steps=2, cfg=7.5, sampler_name="pndm", scheduler="reference",
+                     denoise=1.0), 0]
+    g.probe(name, conditioning=positive, latent=samples)
+    comfy.run_ok(g.nodes)
+    return comfy.probe(name)[0]
+
+
+def test_per_latent_gives_each_latent_its_own_image(comfy, tiny_model):
+    mixed = per_latent_sample(comfy, tiny_model, ("cat", "flip"), "per_latent_mixed")
+    cats = per_latent_sample(comfy, tiny_model, ("cat", "cat"), "per_latent_cats")
+    flips = per_latent_sample(comfy, tiny_model, ("flip", "flip"), "per_latent_flips")
+    cond = mixed["cond0"]
+    assert cond.shape == (2, 77, 768) and not torch.allclose(cond[0], cond[1], atol=1e-3)
+    # Same seed, same noise per batch index: latent i is what image i alone gives at index i.
+    latent = mixed["latent"]
+    assert latent.shape[0] == 2
+    torch.testing.assert_close(latent[0], cats["latent"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(latent[1], flips["latent"][1], rtol=0, atol=1e-5)
+    assert not torch.allclose(latent[0], flips["latent"][0], atol=1e-3)
+
+
+def test_blend_endpoints_are_exact_and_category_is_stated(comfy, tiny_model):
+    g = Graph(tiny_model)
+    cat, cup = g.encode(g.image(CAT), "cat"), g.encode(g.image(CUP), "cup")
+    g.probe("blend_a", subject=cat)
+    g.probe("blend_b", subject=cup)
+    for name, ratio, category in (("blend_0", 0.0, ""), ("blend_1", 1.0, ""), ("blend_q", 0.25, "cupcat")):
+        g.probe(name, subject=[g.add("BlipDiffusionSubjectBlend", subject_a=cat, subject_b=cup, ratio=ratio,
+                                     category=category), 0])
+    comfy.run_ok(g.nodes)
+    (a, _), (b, _) = comfy.probe("blend_a"), comfy.probe("blend_b")
+    (zero, zero_meta), (one, one_meta), (quarter, quarter_meta) = (comfy.probe(f"blend_{n}") for n in "01q")
+    assert torch.equal(zero["subject"], a["subject"]) and torch.equal(one["subject"], b["subject"])
+    torch.testing.assert_close(quarter["subject"], 0.75 * a["subject"] + 0.25 * b["subject"])
+    assert zero_meta["category"] == one_meta["category"] == "cat"  # subject_a's
+    assert quarter_meta["category"] == "cupcat"
+    assert quarter_meta["subject.blend"] == "0.75 x cat + 0.25 x cup"
+    assert quarter_meta["subject.encoder"] == tiny_model and "subject.image_sha256" not in quarter_meta
+
+
+def saved_file(comfy, entry: dict, node: str) -> Path:
+    [locator] = entry["outputs"][node]["subjects"]
+    assert locator["type"] == "output"
+    return comfy.base / "output" / locator["subfolder"] / locator["filename"]
+
+
+def test_save_then_load_is_bit_exact_from_models_and_input(comfy, tiny_model):
+    g = Graph(tiny_model)
+    cat = g.image()
+    views = g.encode(batch(g, cat, flipped(g, cat)))
+    g.probe("saved_subject", subject=views)
+    save = g.add("BlipDiffusionSaveSubject", subject=views, filename_prefix="t_subjects/roundtrip")
+    entry = comfy.run_ok(g.nodes)
+    path = saved_file(comfy, entry, save)
+    assert path.parent == comfy.base / "output" / "t_subjects" and path.name.startswith("roundtrip_")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in ("format", "version", "category", "preprocess", "encoder")} == {
+        "format": "blip_diffusion_subject", "version": "1", "category": "cat", "preprocess": "squash",
+        "encoder": tiny_model}
+    assert len(meta["image_sha256"]) == 64
+
+    models = comfy.base / "models" / "blip_diffusion_subjects" / "pets"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, models / "roundtrip.safetensors")
+    shutil.copy(path, comfy.base / "input" / "roundtrip_in.safetensors")
+    options = comfy.get_json("/object_info/BlipDiffusionLoadSubject")["BlipDiffusionLoadSubject"]
+    listed = options["input"]["required"]["subject_file"][1]["options"]
+    assert {"pets/roundtrip.safetensors", "roundtrip_in.safetensors [input]"} <= set(listed)
+
+    g = Graph(tiny_model)
+    g.probe("loaded_models", subject=[g.add("BlipDiffusionLoadSubject", subject_file="pets/roundtrip.safetensors"), 0])
+    g.probe("loaded_input", subject=[g.add("BlipDiffusionLoadSubject", subject_file="roundtrip_in.safetensors [input]"), 0])
+    comfy.run_ok(g.nodes)
+    original, original_meta = comfy.probe("saved_subject")
+    for name in ("loaded_models", "loaded_input"):
+        loaded, loaded_meta = comfy.probe(name)
+        assert torch.equal(loaded["subject"], original["subject"])
+        assert loaded_meta == original_meta
+
+
+def rejected(comfy, prompt: dict) -> str:
+    """The validation errors of a prompt the server refused to queue."""
+    status, body = comfy.submit(prompt)
+    assert status == 400, body
+    return json.dumps(body["node_errors"])
+
+
+@pytest.mark.parametrize("name", ["../../escape.safetensors", "/etc/passwd", "../input/x.safetensors [input]"])
+def test_load_rejects_names_that_escape_their_folder(comfy, name):
+    errors = rejected(comfy, {"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": name}},
+                              "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
+    assert "must be a name inside" in errors and "not a path" in errors
+
+
+def test_load_of_a_missing_file_names_the_folders_searched(comfy):
+    errors = rejected(comfy, {"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": "nope.safetensors"}},
+                              "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
+    assert "nope.safetensors" in errors and "not found in models/blip_diffusion_subjects" in errors
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/tmp/escape", "a/../../escape"])
+def test_save_rejects_prefixes_that_escape_the_output_folder(comfy, tiny_model, prefix):
+    g = Graph(tiny_model)
+    g.add("BlipDiffusionSaveSubject", subject=g.encode(g.image()), filename_prefix=prefix)
+    assert "expected a name inside the output folder" in rejected(comfy, g.nodes)
+
+
+@pytest.mark.parametrize("file, metadata, message", [
+    ("version2.safetensors", {"format": "blip_diffusion_subject", "version": "2", "category": "cat"},
+     "version2.safetensors is a subject file of format version '2'; this pack reads version '1'"),
+    ("not_a_subject.safetensors", None, "not_a_subject.safetensors is not a BLIP-Diffusion subject file: expected "
+                                        "metadata format='blip_diffusion_subject'"),
+])
+def test_load_of_another_file_kind_or_version_says_what_was_expected(comfy, file, metadata, message):
+    folder = comfy.base / "models" / "blip_diffusion_subjects"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"embeds": torch.zeros(1, 16, 768)}, str(folder / file), metadata=metadata)
+    entry = comfy.run({"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": file}},
+                       "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
+    error = execution_error(entry)
+    assert error["node_type"] == "BlipDiffusionLoadSubject" and message in error["exception_message"]
