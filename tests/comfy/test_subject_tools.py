@@ -1,10 +1,12 @@
 """Subject tools through the real server: several views, per-image weights, one image per latent,
-blends, save/load of subject files."""
+blends, save/load of subject files, the LAVIS cache import."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 
 from comfy_server import execution_error
 
+ROOT = Path(__file__).resolve().parents[2]
 CAT, CUP = "blipd_example_cat.jpg", "blipd_example_cup.jpg"
 
 
@@ -223,3 +226,33 @@ def test_load_of_another_file_kind_or_version_says_what_was_expected(comfy, file
                        "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
     error = execution_error(entry)
     assert error["node_type"] == "BlipDiffusionLoadSubject" and message in error["exception_message"]
+
+
+def test_lavis_fine_tuned_subject_imports_and_drives_a_graph(comfy, tiny_model, tmp_path):
+    cache = torch.randn(1, 16, 768, generator=torch.Generator().manual_seed(11))
+    checkpoint = tmp_path / "checkpoint_39.pth"  # LAVIS's layout: trained parameters under "model"
+    torch.save({"model": {"ctx_embeddings_cache": cache, "unet.conv_in.weight": torch.randn(320, 4, 3, 3)},
+                "optimizer": {"state": {}, "param_groups": []}, "epoch": 0}, checkpoint)
+    out = comfy.base / "models" / "blip_diffusion_subjects" / "lavis_dog.safetensors"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "import_lavis_subject.py"), str(checkpoint), str(out),
+                          "--category", "dog"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+    g = Graph(tiny_model)
+    subject = [g.add("BlipDiffusionLoadSubject", subject_file="lavis_dog.safetensors"), 0]
+    g.probe("lavis_dog", subject=subject, conditioning=g.fuse(subject))
+    comfy.run_ok(g.nodes)
+    tensors, meta = comfy.probe("lavis_dog")
+    assert torch.equal(tensors["subject"], cache) and meta["category"] == "dog"
+    assert meta["subject.checkpoint"] == "checkpoint_39.pth"
+    assert tensors["cond0"].shape == (1, 77, 768)
+
+
+def test_lavis_import_tool_refuses_a_pickle_that_runs_code(tmp_path):
+    checkpoint = tmp_path / "evil.pth"
+    torch.save({"model": {"ctx_embeddings_cache": torch.ones(1, 16, 768)}, "hook": print}, checkpoint)
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "import_lavis_subject.py"), str(checkpoint),
+                          str(tmp_path / "out.safetensors"), "--category", "dog"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and "weights_only=True rejected it" in run.stderr
+    assert not (tmp_path / "out.safetensors").exists()
