@@ -71,6 +71,26 @@ def tiny_model(comfy_base) -> str:
 
 
 @pytest.fixture(scope="session")
-def comfy(comfy_base, tiny_model) -> Comfy:
+def example_subject(comfy_base, tiny_model) -> str:
+    """The subject file the subject_reuse workflow loads: the example cat encoded by the tiny model, in input/."""
+    import hashlib
+
+    import torch
+    from PIL import Image
+
+    from blip_core import Subject, load_subject_encoder, save_subject
+
+    pixels = np.asarray(Image.open(ROOT / "workflows" / "images" / "blipd_example_cat.jpg").convert("RGB"))
+    image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]  # as LoadImage makes it
+    encoder = load_subject_encoder(comfy_base / "models" / "blip_diffusion" / tiny_model)
+    metadata = {"preprocess": "squash", "encoder": tiny_model,
+                "image_sha256": hashlib.sha256(image.numpy().tobytes()).hexdigest()}
+    name = "blipd_example_cat.safetensors"
+    save_subject(Subject(encoder.encode(image, "cat"), "cat", metadata), comfy_base / "input" / name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base, tiny_model, example_subject) -> Comfy:
     with ComfyServer(comfy_base, ["--force-fp32", "--fp32-text-enc", "--preview-method", "latent2rgb"]) as client:
         yield client

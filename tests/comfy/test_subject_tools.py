@@ -1,5 +1,6 @@
 """Subject tools through the real server: several views, per-image weights, one image per latent,
-blends, save/load of subject files, the LAVIS cache import."""
+blends, save/load of subject files, the LAVIS cache import, and subject_reuse's first run.
+(tests/comfy/test_zero_shot.py runs every workflow twin, the subject ones included.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comfy_server import execution_error
+from graphs import shrink, twin
 
 ROOT = Path(__file__).resolve().parents[2]
 CAT, CUP = "blipd_example_cat.jpg", "blipd_example_cup.jpg"
@@ -256,3 +258,15 @@ def test_lavis_import_tool_refuses_a_pickle_that_runs_code(tmp_path):
                          timeout=120)
     assert run.returncode == 1 and "weights_only=True rejected it" in run.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_subject_reuse_saves_even_before_its_subject_file_exists(comfy):
+    """What the README promises a first run of subject_reuse: the save runs, Load Subject is reported."""
+    prompt = shrink(twin("subject_reuse"))
+    prompt["4"]["inputs"]["filename_prefix"] = "t_subjects/first_run"
+    prompt["5"]["inputs"]["subject_file"] = "not_saved_yet.safetensors [input]"
+    status, body = comfy.submit(prompt)
+    assert status == 200 and list(body["node_errors"]) == ["5"], body
+    assert body["node_errors"]["5"]["dependent_outputs"] == ["11"]  # the image is skipped, the save is not
+    entry = comfy.wait(body["prompt_id"])
+    assert saved_file(comfy, entry, "4").name == "first_run_00001_.safetensors"
