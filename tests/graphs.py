@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from workflows import shrink  # noqa: F401  (tools/workflows.py; tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 NEGATIVE = "over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped"
-SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
 
 
 def twin(name: str) -> dict:
     """A committed API twin, workflows/api/<name>.json."""
     return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
-
-
-def shrink(prompt: dict, size: int = 128, steps: int = 3) -> dict:
-    """The same graph at a CPU-friendly size: small images and few sampler steps."""
-    prompt = json.loads(json.dumps(prompt))
-    for node in prompt.values():
-        for key in SIZE_INPUTS.get(node["class_type"], ()):
-            node["inputs"][key] = size
-        if "steps" in node["inputs"] and node["class_type"] != "BlipDiffusionReferenceSigmas":
-            node["inputs"]["steps"] = steps
-    return prompt
 
 
 def zero_shot(model: str, image: str = "blipd_example_cat.jpg", subject: str = "cat",

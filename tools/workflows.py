@@ -19,7 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
 COLUMN_WIDTH, NODE_WIDTH, ROW_HEIGHT, GAP = 380, 330, 26, 40
+
+
+def shrink(prompt: dict, size: int = 128, steps: int = 3) -> dict:
+    """The same graph at a CPU-friendly size: smaller images and fewer sampler steps."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        for key in SIZE_INPUTS.get(node["class_type"], ()):
+            node["inputs"][key] = size
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return prompt
 
 
 def is_widget(spec: list) -> bool:

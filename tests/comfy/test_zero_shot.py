@@ -127,6 +127,16 @@ def test_batch_noise_mask_and_denoise(comfy, tiny_model):
     assert len(comfy.run_ok(graph)["outputs"]["9"]["images"]) == 2
 
 
+def test_empty_prompt_means_just_the_subject(comfy, tiny_model, text_encoder):
+    """An empty prompt is allowed: the text becomes "a cat", repeated."""
+    graph = probe(zero_shot(tiny_model, prompt=""), "20", "empty_prompt", conditioning=["4", 0], subject=["3", 0])
+    comfy.run_ok(graph)
+    tensors, _ = comfy.probe("empty_prompt")
+    expected = text_encoder.encode([build_prompt("", "cat")], ctx=tensors["subject"])
+    assert build_prompt("", "cat").startswith("a cat , a cat")
+    assert (tensors["cond0"] - expected).abs().max().item() <= 1e-5
+
+
 def test_empty_subject_is_rejected_before_queueing(comfy, tiny_model):
     status, body = comfy.submit(zero_shot(tiny_model, subject="  "))
     assert status == 400
