@@ -8,6 +8,7 @@ Every failure names the file and says what was expected.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -44,9 +45,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pickle(path: str | Path):
-    """A PyTorch pickle file read with `torch.load(weights_only=True)`: tensors and plain containers only."""
+    """A PyTorch pickle file read with `torch.load(weights_only=True)`: tensors and plain containers only.
+
+    Zip-format files (everything torch has written since 1.6) are memory-mapped, not copied.
+    """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint "
                          f"(torch.load weights_only=True rejected it): {e}") from e
@@ -64,9 +68,14 @@ def _unwrap(data, path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, progress=None) -> None:
-    """Copy every tensor into `module` (cast to its dtype); any missing, unexpected or
-    mis-shaped tensor is an error. `progress(done, total)` follows the copy."""
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
+                device: str | torch.device = "cpu", progress=None) -> None:
+    """Give `module` (built on the meta device) the tensors of `state_dict`, cast to its dtypes.
+
+    Any missing, unexpected or mis-shaped tensor is an error naming it and `source`. Tensors
+    already of the right dtype on the CPU are used as they are: a memory-mapped file is then
+    read lazily instead of copied. `progress(done, total)` follows the conversion.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -79,9 +88,9 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             problems.append(f"{label}: {shown}")
     if problems:
         raise ValueError(f"{source} does not match the expected model: " + "; ".join(problems))
-    targets = dict(module.named_parameters()) | dict(module.named_buffers())
-    with torch.no_grad():
-        for i, (name, target) in enumerate(targets.items(), 1):
-            target.copy_(state_dict[name])
-            if progress is not None:
-                progress(i, len(targets))
+    converted = {}
+    for i, (name, target) in enumerate(expected.items(), 1):
+        converted[name] = state_dict[name].to(device=device, dtype=target.dtype)
+        if progress is not None:
+            progress(i, len(expected))
+    module.load_state_dict(converted, strict=True, assign=True)

@@ -166,8 +166,7 @@ def load_subject_encoder(path: str | Path, device: str | torch.device = "cpu", d
     if any(k.startswith("blip.") for k in state_dict):
         state_dict = lavis_to_diffusers(state_dict)
     state_dict.pop("embeddings.position_ids", None)  # a saved arange; positions are computed instead
-    with torch.device("meta"):  # no time spent initialising weights that are overwritten next
+    with torch.device("meta"):  # no time spent initialising weights that are replaced next
         model = SubjectEncoderModel(config, operations, dtype)
-    model = model.to_empty(device=device)
-    load_strict(model, state_dict, weights, progress)
+    load_strict(model, state_dict, weights, device, progress)
     return SubjectEncoder(model, name=path.name)

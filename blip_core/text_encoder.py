@@ -137,7 +137,6 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu", dtyp
     state_dict.pop("embeddings.position_ids", None)
     with torch.device("meta"):
         model = CLIPTextTransformer(config, operations, dtype)
-    model = model.to_empty(device=device)
-    load_strict(model, state_dict, weights)
+    load_strict(model, state_dict, weights, device)
     tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     return TextEncoder(model, tokenizer)
