@@ -5,6 +5,7 @@ namespace (default `torch.nn`) so a host can supply its own Linear/LayerNorm/...
 """
 
 from .config import QFormerConfig, SubjectEncoderConfig, VisionConfig
+from .control import resize_control_image
 from .loading import read_state_dict
 from .preprocess import preprocess
 from .prompt import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS, build_prompt, splice_context
@@ -16,5 +17,5 @@ __all__ = [
     "CTX_BEGIN_POS", "MAX_LENGTH", "NUM_QUERY_TOKENS", "QFormerConfig", "Subject", "SubjectEncoder",
     "SubjectEncoderConfig", "SubjectEncoderModel", "TextEncoder", "VisionConfig", "alphas_cumprod", "build_prompt",
     "load_subject_encoder", "load_text_encoder", "plms_call_timesteps", "preprocess", "read_state_dict",
-    "reference_sigmas", "reference_timesteps", "sample_plms", "splice_context",
+    "reference_sigmas", "reference_timesteps", "resize_control_image", "sample_plms", "splice_context",
 ]
