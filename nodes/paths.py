@@ -8,16 +8,19 @@ from pathlib import Path
 import folder_paths
 
 MODELS = "blip_diffusion"
+ANNOTATORS = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
+CONTROLNETS = "controlnet"  # ComfyUI's own folder
 WEIGHT_SUFFIXES = {".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def register() -> None:
-    """`models/blip_diffusion`, keeping any extra paths from extra_model_paths.yaml."""
-    default = os.path.join(folder_paths.models_dir, MODELS)
-    paths = folder_paths.folder_names_and_paths.get(MODELS, ([], set()))[0]
-    if default not in paths:
-        paths = [default, *paths]
-    folder_paths.folder_names_and_paths[MODELS] = (paths, set(folder_paths.supported_pt_extensions))
+    """`models/blip_diffusion` and `models/annotators`, keeping any extra paths from extra_model_paths.yaml."""
+    for kind in (MODELS, ANNOTATORS):
+        default = os.path.join(folder_paths.models_dir, kind)
+        paths = folder_paths.folder_names_and_paths.get(kind, ([], set()))[0]
+        if default not in paths:
+            paths = [default, *paths]
+        folder_paths.folder_names_and_paths[kind] = (paths, set(folder_paths.supported_pt_extensions))
 
 
 def roots(kind: str = MODELS) -> list[Path]:
@@ -40,6 +43,24 @@ def encoder_entries() -> list[str]:
         if root.is_dir():
             names.update(p.parent.parent.name for p in root.glob("*/qformer/config.json"))
             names.update(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    return sorted(names)
+
+
+def controlnet_entries() -> list[str]:
+    """BLIP-Diffusion folders with a controlnet/ (the -controlnet release), then models/controlnet files."""
+    names = set()
+    for root in roots():
+        if root.is_dir():
+            names.update(p.parent.parent.name for p in root.glob("*/controlnet/config.json"))
+    return sorted(names) + folder_paths.get_filename_list(CONTROLNETS)
+
+
+def annotator_entries() -> list[str]:
+    """Folders and weight files directly in models/annotators."""
+    names = set()
+    for root in roots(ANNOTATORS):
+        if root.is_dir():
+            names.update(p.name for p in root.iterdir() if p.is_dir() or p.suffix.lower() in WEIGHT_SUFFIXES)
     return sorted(names)
 
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NODE_IDS = [
     "BlipDiffusionLoader", "BlipDiffusionSubjectEncoderLoader", "BlipDiffusionSubjectEncoder",
     "BlipDiffusionMultimodalPromptFuse", "BlipDiffusionSampler", "BlipDiffusionPLMSSampler",
-    "BlipDiffusionReferenceSigmas",
+    "BlipDiffusionReferenceSigmas", "BlipDiffusionControlNetLoader", "BlipDiffusionControlNetApply",
+    "BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges",
 ]
 
 
