@@ -5,6 +5,7 @@ namespace (default `torch.nn`) so a host can supply its own Linear/LayerNorm/...
 """
 
 from .config import QFormerConfig, SubjectEncoderConfig, VisionConfig
+from .control import resize_control_image
 from .loading import read_state_dict
 from .preprocess import preprocess
 from .prompt import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS, build_prompt, splice_context
@@ -18,6 +19,6 @@ __all__ = [
     "CTX_BEGIN_POS", "MAX_LENGTH", "NUM_QUERY_TOKENS", "QFormerConfig", "Subject", "SubjectEncoder",
     "SubjectEncoderConfig", "SubjectEncoderModel", "TextEncoder", "VisionConfig", "alphas_cumprod", "average_views",
     "blend", "build_prompt", "load_subject", "load_subject_encoder", "load_text_encoder", "parse_weights",
-    "plms_call_timesteps", "preprocess", "read_state_dict", "reference_sigmas", "reference_timesteps", "sample_plms",
-    "save_subject", "splice_context", "subject_from_lavis",
+    "plms_call_timesteps", "preprocess", "read_state_dict", "reference_sigmas", "reference_timesteps",
+    "resize_control_image", "sample_plms", "save_subject", "splice_context", "subject_from_lavis",
 ]

@@ -7,9 +7,9 @@ from .api import ComfyExtension, io
 
 paths.register()
 
-from . import loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
+from . import control, loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
 
 
 class BlipDiffusionExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*loaders.NODES, *subject.NODES, *subject_tools.NODES, *prompt.NODES, *sampling.NODES]
+        return [*loaders.NODES, *subject.NODES, *subject_tools.NODES, *prompt.NODES, *sampling.NODES, *control.NODES]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+import comfy.controlnet
+import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
@@ -67,19 +69,39 @@ def ldm_unet_config(cfg: dict) -> dict:
     }
 
 
-def diffusers_to_ldm(state_dict: dict, unet_config: dict, source: Path) -> dict:
-    mapping = comfy.utils.unet_to_diffusers(unet_config)
+def controlnet_mapping(cfg: dict, state_dict: dict) -> dict:
+    """diffusers ControlNetModel keys -> ComfyUI's (LDM) ControlNet keys, for any config.
+
+    comfy.controlnet converts diffusers ControlNets only at the configs it knows; this is
+    its mapping built from the model's own config.json instead.
+    """
+    mapping = comfy.utils.unet_to_diffusers(ldm_unet_config(cfg))
+    hint_blocks = 0
+    for key in state_dict:
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":  # the zero convolutions, one per down-block output
+            mapping[key] = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[:2] == ["controlnet_cond_embedding", "blocks"]:
+            mapping[key] = f"input_hint_block.{2 * (int(parts[2]) + 1)}.{parts[3]}"
+            hint_blocks = max(hint_blocks, int(parts[2]) + 1)
+    for param in ("weight", "bias"):  # the hint encoder's convolutions sit at even indices (SiLU between)
+        mapping[f"controlnet_cond_embedding.conv_in.{param}"] = f"input_hint_block.0.{param}"
+        mapping[f"controlnet_cond_embedding.conv_out.{param}"] = f"input_hint_block.{2 * (hint_blocks + 1)}.{param}"
+        mapping[f"controlnet_mid_block.{param}"] = f"middle_block_out.0.{param}"
+    return mapping
+
+
+def diffusers_to_ldm(state_dict: dict, mapping: dict, source: Path, what: str = "an SD-1.5-style UNet") -> dict:
     unexpected = sorted(set(state_dict) - set(mapping))
     if unexpected:
-        raise ValueError(f"{source} does not match its config.json (not an SD-1.5-style UNet?): "
-                         f"unexpected tensors {unexpected[:3]}")
+        raise ValueError(f"{source} does not match its config.json (not {what}?): unexpected tensors {unexpected[:3]}")
     return {mapping[k]: v for k, v in state_dict.items()}
 
 
 def load_unet(folder: Path, dtype: torch.dtype | None):
     path = component(folder, "unet", UNET_FILES)
     ldm = diffusers_to_ldm(comfy.utils.load_torch_file(str(path), safe_load=True),
-                           ldm_unet_config(read_config(folder, "unet")), path)
+                           comfy.utils.unet_to_diffusers(ldm_unet_config(read_config(folder, "unet"))), path)
     model = comfy.sd.load_diffusion_model_state_dict(dict(ldm), model_options={"dtype": dtype} if dtype else {})
     if model is None:
         raise ValueError(f"{path}: ComfyUI does not recognise this UNet as SD-1.5 (BLIP-Diffusion needs width 320 "
@@ -101,6 +123,32 @@ def load_vae(folder: Path):
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path), safe_load=True))
     vae.throw_exception_if_invalid()
     return vae
+
+
+DIFFUSERS_CONTROLNET_KEY = "controlnet_cond_embedding.conv_in.weight"
+
+
+def load_controlnet(path: Path):
+    """A ComfyUI CONTROL_NET from a weights file: diffusers format (with or without a config.json
+    next to it), or any single-file format ComfyUI's own loader reads."""
+    state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
+    converted = DIFFUSERS_CONTROLNET_KEY in state_dict and (path.parent / "config.json").is_file()
+    if converted:
+        cfg = read_config(path.parent.parent, path.parent.name)
+        state_dict = diffusers_to_ldm(state_dict, controlnet_mapping(cfg, state_dict), path, "an SD-1.5-style ControlNet")
+    elif DIFFUSERS_CONTROLNET_KEY in state_dict and comfy.model_detection.unet_config_from_diffusers_unet(state_dict) is None:
+        raise ValueError(f"{path}: a diffusers ControlNet of a shape ComfyUI does not know by itself; put its "
+                         f"config.json next to it (expected {path.parent / 'config.json'})")
+    # ComfyUI's own loader turns on global average pooling for shuffle ControlNets by file name
+    options = {"global_average_pooling": True} if path.stem.endswith(("_shuffle", "_shuffle_fp16")) else {}
+    net = comfy.controlnet.load_controlnet_state_dict(dict(state_dict), model_options=options)
+    if net is None:
+        raise ValueError(f"{path} holds no ControlNet or T2I-Adapter weights that ComfyUI recognises")
+    if converted:  # ComfyUI only warns about missing tensors; a converted release must be complete
+        missing = sorted(set(net.control_model.state_dict()) - set(state_dict))
+        if missing:
+            raise ValueError(f"{path} lacks weights the ControlNet needs: {missing[:3]} ({len(missing)} in all)")
+    return net
 
 
 @dataclass

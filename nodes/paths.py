@@ -9,14 +9,18 @@ import folder_paths
 
 MODELS = "blip_diffusion"
 SUBJECTS = "blip_diffusion_subjects"
+ANNOTATORS = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
+CONTROLNETS = "controlnet"  # ComfyUI's own folder
 WEIGHT_SUFFIXES = {".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt"}
 SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
 INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (folder_paths.annotated_filepath)
 
 
 def register() -> None:
-    """`models/blip_diffusion` and `models/blip_diffusion_subjects`, keeping extra paths from extra_model_paths.yaml."""
-    for kind, suffixes in ((MODELS, set(folder_paths.supported_pt_extensions)), (SUBJECTS, {SUBJECT_SUFFIX})):
+    """Model folders of the pack (blip_diffusion, blip_diffusion_subjects, annotators), keeping extra paths
+    from extra_model_paths.yaml."""
+    weights = set(folder_paths.supported_pt_extensions)
+    for kind, suffixes in ((MODELS, weights), (SUBJECTS, {SUBJECT_SUFFIX}), (ANNOTATORS, weights)):
         default = os.path.join(folder_paths.models_dir, kind)
         paths = folder_paths.folder_names_and_paths.get(kind, ([], set()))[0]
         if default not in paths:
@@ -44,6 +48,24 @@ def encoder_entries() -> list[str]:
         if root.is_dir():
             names.update(p.parent.parent.name for p in root.glob("*/qformer/config.json"))
             names.update(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    return sorted(names)
+
+
+def controlnet_entries() -> list[str]:
+    """BLIP-Diffusion folders with a controlnet/ (the -controlnet release), then models/controlnet files."""
+    names = set()
+    for root in roots():
+        if root.is_dir():
+            names.update(p.parent.parent.name for p in root.glob("*/controlnet/config.json"))
+    return sorted(names) + folder_paths.get_filename_list(CONTROLNETS)
+
+
+def annotator_entries() -> list[str]:
+    """Folders and weight files directly in models/annotators."""
+    names = set()
+    for root in roots(ANNOTATORS):
+        if root.is_dir():
+            names.update(p.name for p in root.iterdir() if p.is_dir() or p.suffix.lower() in WEIGHT_SUFFIXES)
     return sorted(names)
 
 

@@ -22,9 +22,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(Path(__file__).parent))  # tests/graphs.py
 
 from comfy_server import Comfy, ComfyServer, prepare_base  # noqa: E402
-from make_tiny_model import make_model, weights_digest  # noqa: E402
+from make_tiny_model import make_hed_annotator, make_model, weights_digest  # noqa: E402
 
 TINY = "blipdiffusion"  # models/blip_diffusion/blipdiffusion (with controlnet/), as the workflows name it
+ANNOTATOR = "Annotators"  # models/annotators/Annotators/ControlNetHED.pth, as the workflows name it
+SCRIBBLE = "sd-controlnet-scribble"  # models/controlnet/<this>/ (diffusers layout), as the workflows name it
 
 
 class ReferenceFixture:
@@ -71,6 +73,23 @@ def tiny_model(comfy_base) -> str:
 
 
 @pytest.fixture(scope="session")
+def hed_annotator(comfy_base) -> str:
+    """A random HED annotator in the real file format, where the HED node and workflows look for it."""
+    make_hed_annotator(comfy_base / "models" / "annotators" / ANNOTATOR / "ControlNetHED.pth")
+    return ANNOTATOR
+
+
+@pytest.fixture(scope="session")
+def scribble_controlnet(comfy_base, tiny_model) -> str:
+    """The workflows' scribble ControlNet (a diffusers folder in models/controlnet): the tiny model's ControlNet."""
+    folder = comfy_base / "models" / "controlnet" / SCRIBBLE
+    folder.mkdir(parents=True)
+    for item in (comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet").iterdir():
+        (folder / item.name).symlink_to(item)
+    return f"{SCRIBBLE}/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="session")
 def example_subject(comfy_base, tiny_model) -> str:
     """The subject file the subject_reuse workflow loads: the example cat encoded by the tiny model, in input/."""
     import hashlib
@@ -91,6 +110,6 @@ def example_subject(comfy_base, tiny_model) -> str:
 
 
 @pytest.fixture(scope="session")
-def comfy(comfy_base, tiny_model, example_subject) -> Comfy:
+def comfy(comfy_base, tiny_model, example_subject, hed_annotator, scribble_controlnet) -> Comfy:
     with ComfyServer(comfy_base, ["--force-fp32", "--fp32-text-enc", "--preview-method", "latent2rgb"]) as client:
         yield client

@@ -15,6 +15,8 @@ Sizes:
          fixtures (not loadable by ComfyUI).
   full   the released shapes (2.6 B parameters with ControlNet): for loader tests.
 
+`make_hed_annotator` writes a random HED annotator (ControlNetHED.pth) for the preprocessor tests.
+
 Every tensor is drawn from its own generator seeded by (seed, tensor name), so the same
 seed and options give byte-identical files. The UNet/VAE/ControlNet key layouts come from
 diffusers' model classes built on the meta device (no weights are initialised by them).
@@ -151,9 +153,12 @@ def random_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     if len(shape) == 1:
         is_norm_weight = leaf == "weight" and any(n in name.lower() for n in ("norm", "ln"))
         return 1.0 + 0.1 * x if is_norm_weight else 0.02 * x
-    if "embedding" in name or leaf in ("query_tokens", "class_embedding"):
+    is_hint_encoder = "controlnet_cond_embedding" in name  # a conv stack, not a lookup table
+    if ("embedding" in name and not is_hint_encoder) or leaf in ("query_tokens", "class_embedding"):
         return 0.5 * x
     fan_in = shape.numel() // shape[0]
+    if name.endswith("controlnet_cond_embedding.conv_out.weight"):
+        return 32 * x / fan_in ** 0.5  # so that the control image visibly steers the output, as in a trained ControlNet
     return x / fan_in ** 0.5
 
 
@@ -241,6 +246,28 @@ def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: s
         write_json(out / name / "config.json", config)
         save_weights(state_dict(diffusers_shapes(config), seed, weight_dtype, name), out / name, df_stem, fmt)
     return out.rename(final)
+
+
+def make_hed_annotator(out: Path, seed: int = 0) -> Path:
+    """A seeded random `ControlNetHED.pth` in the real format: controlnet-aux's HED network, an fp16
+    state dict written by torch.save. A few tensors are scaled so that the edge map of a photo is
+    neither flat nor saturated and its scribble is not empty."""
+    from controlnet_aux.hed import ControlNetHED_Apache2  # imports every controlnet-aux detector: slow
+
+    with torch.device("meta"):
+        shapes = module_shapes(ControlNetHED_Apache2())
+    tensors = state_dict(shapes, seed, torch.float32, "hed")
+    tensors["norm"] = torch.full_like(tensors["norm"], 127.5)  # the network sees 0..255 pixels
+    tensors["block1.convs.0.weight"] /= 64
+    for name in tensors:
+        if name.endswith("projection.weight"):
+            tensors[name] *= 30
+        elif name.endswith("projection.bias"):
+            tensors[name] = torch.ones_like(tensors[name])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.half() for k, v in tensors.items()}, out)
+    return out
 
 
 def main() -> None:

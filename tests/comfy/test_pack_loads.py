@@ -14,6 +14,7 @@ NODE_IDS = [
     "BlipDiffusionLoader", "BlipDiffusionSubjectEncoderLoader", "BlipDiffusionSubjectEncoder",
     "BlipDiffusionMultimodalPromptFuse", "BlipDiffusionSampler", "BlipDiffusionPLMSSampler",
     "BlipDiffusionReferenceSigmas", "BlipDiffusionSubjectBlend", "BlipDiffusionSaveSubject", "BlipDiffusionLoadSubject",
+    "BlipDiffusionControlNetLoader", "BlipDiffusionControlNetApply", "BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges",
 ]
 
 

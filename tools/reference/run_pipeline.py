@@ -6,7 +6,11 @@ Runs in the reference venv only (diffusers 0.39.0 + transformers 4.53.3):
 
 REQUEST.json: {"model": dir, "image": png, "subject": "dog", "target": "dog", "prompt": "...",
                "negative": "...", "seed": 0, "steps": 3, "guidance": 7.5, "height": 128, "width": 128,
-               "strength": 1.0, "reps": 20, "control_image": png or null}
+               "strength": 1.0, "reps": 20, "control_image": png or null,
+               "control_scales": [one factor per ControlNet call] or null}
+
+control_scales multiplies the ControlNet's residuals call by call (the pipeline fixes them at 1.0):
+what a ComfyUI strength and start/end window mean, expressed on the reference.
 
 OUT.npz: image (float HxWx3 in 0..1), latents_final (unscaled, as a ComfyUI LATENT), noise,
 cond, uncond, timesteps, eps0 (the UNet's first output, both CFG halves) and, with a
@@ -64,6 +68,17 @@ def record_first(module, store: dict, key: str, pick=lambda out: out):
     return module.register_forward_hook(hook)
 
 
+def scale_calls(controlnet, scales: list[float]):
+    """Multiply the residuals of the i-th ControlNet call by scales[i]."""
+    calls = iter(scales)
+
+    def hook(_, __, out):
+        scale = next(calls)
+        down, mid = out
+        return [d * scale for d in down], mid * scale
+    return controlnet.register_forward_hook(hook)
+
+
 def record_all(module, store: list):
     return module.register_forward_hook(lambda _, __, out: store.append(out[0].detach().clone()))
 
@@ -81,6 +96,8 @@ def main(request_file: Path, out: Path) -> None:
     texts: list[torch.Tensor] = []
     hooks = [record_all(pipe.text_encoder, texts),
              record_first(pipe.unet, store, "eps0", lambda out: out[0].detach().clone())]
+    if req.get("control_scales") is not None:  # registered first: the recording hook sees scaled residuals
+        hooks.append(scale_calls(pipe.controlnet, req["control_scales"]))
     if control is not None:
         hooks.append(record_first(pipe.controlnet, store, "control0", lambda out: out))
     decode = pipe.vae.decode

@@ -7,6 +7,7 @@ tests can read CONDITIONING / subject / LATENT tensors that have no stock save n
 import os
 
 import folder_paths
+import torch
 from safetensors.torch import save_file
 
 
@@ -30,6 +31,8 @@ class ProbeSaveTensors:
                 tensors[f"pooled{i}"] = extra["pooled_output"]
             control = extra.get("control")
             meta[f"control{i}"] = str(_control_chain(control))
+            for j, hint in enumerate(_chain_hints(control)):
+                tensors[f"hint{i}_{j}"] = hint
         if subject is not None:
             tensors["subject"] = subject.embeds
             meta["category"] = subject.category
@@ -54,4 +57,93 @@ def _control_chain(control):
     return chain
 
 
-NODE_CLASS_MAPPINGS = {"ProbeSaveTensors": ProbeSaveTensors}
+def _chain_hints(control):
+    """The control images ([B,C,H,W]) of a ControlNet chain as attached, newest first."""
+    hints = []
+    while control is not None:
+        hints.append(control.cond_hint_original)
+        control = control.previous_controlnet
+    return hints
+
+
+def _save(name, tensors):
+    folder = os.path.join(folder_paths.get_output_directory(), "probe")
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+              os.path.join(folder, f"{name}.safetensors"))
+
+
+class ProbeControlResiduals:
+    """Patches a MODEL to save the ControlNet residuals of the first sampling step, per CFG half:
+    `{cond|uncond}_down{i}` (one per UNet input block, diffusers' down_block_res_samples order) and
+    `{cond|uncond}_mid`."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "residuals"})}}
+
+    def patch(self, model, name):
+        model = model.clone()
+        saved = {}
+
+        def wrapper(apply_model, args):
+            control = args["c"].get("control")
+            first_sigma = args["c"]["transformer_options"]["sample_sigmas"][0]
+            if control is not None and float(args["timestep"][0]) == float(first_sigma):
+                halves = len(args["cond_or_uncond"])
+                labels = ["cond" if kind == 0 else "uncond" for kind in args["cond_or_uncond"]]
+                # copies: the UNet pops the residuals out of these lists
+                for i, residual in enumerate(control["output"]):
+                    for label, part in zip(labels, residual.chunk(halves)):
+                        saved[f"{label}_down{i}"] = part.clone()
+                for label, part in zip(labels, control["middle"][0].chunk(halves)):
+                    saved[f"{label}_mid"] = part.clone()
+                _save(name, saved)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        model.set_model_unet_function_wrapper(wrapper)
+        return (model,)
+
+
+class ProbeSaveControlNet:
+    """Writes a CONTROL_NET's model as ComfyUI holds it (LDM keys) into models/controlnet/<filename>."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net": ("CONTROL_NET",), "filename": ("STRING", {"default": "probe.safetensors"})}}
+
+    def save(self, control_net, filename):
+        path = os.path.join(folder_paths.get_folder_paths("controlnet")[0], filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in control_net.control_model.state_dict().items()}, path)
+        return {"ui": {"probe": [filename]}}
+
+
+class ProbeImageChannels:
+    """An IMAGE with other channel counts than ComfyUI's loaders make: gray [B,H,W,1] or RGBA [B,H,W,4]."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "mode": (["gray", "rgba"],)}}
+
+    def convert(self, image, mode):
+        if mode == "gray":
+            return (image[..., :1],)
+        return (torch.cat([image, torch.full_like(image[..., :1], 0.5)], dim=-1),)
+
+
+NODE_CLASS_MAPPINGS = {"ProbeSaveTensors": ProbeSaveTensors, "ProbeControlResiduals": ProbeControlResiduals,
+                       "ProbeSaveControlNet": ProbeSaveControlNet, "ProbeImageChannels": ProbeImageChannels}
