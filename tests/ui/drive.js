@@ -6,7 +6,7 @@
 // --set: before queueing, give every widget with that name (on any node) that value, as a user would; the
 // tests make the example workflows small and short this way (width/height/steps) so they run in seconds.
 //
-// Prints one JSON line per workflow (see `result` below). Exits non-zero only when the browser or the page
+// Prints one JSON line per workflow (driveOne's report, or `error`). Exits non-zero only when the browser or the page
 // itself cannot be driven; everything about a workflow is data for the caller (tests/ui/test_frontend.py).
 const { chromium } = require('playwright-core');
 const fs = require('fs');
@@ -30,6 +30,14 @@ function parseArgs(argv) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// The canvas follows the window through a resize observer; wait for it, or a fit-to-view computed meanwhile
+// (the front end does one when a workflow opens) would use the old size.
+async function resizeWindow(page, size) {
+  await page.setViewportSize(size);
+  await page.waitForFunction((w) => window.app.canvas.canvas.clientWidth === w, size.width, { timeout: 10000 });
+  await sleep(200);
+}
+
 // Text of the dialogs on screen (the missing-nodes warning is one; none is expected after a clean load).
 async function openDialogs(page) {
   return page.evaluate(() => [...document.querySelectorAll('.p-dialog, [role="dialog"]')]
@@ -45,7 +53,7 @@ async function loadLikeADrop(page, file) {
     // The same registry lookup loadGraphData does before it replaces unknown types with placeholders.
     const missing = [...new Set(types.filter((t) => !(t in window.LiteGraph.registered_node_types)))];
     await window.app.handleFile(new File([text], name, { type: 'application/json' }));
-    return { missing, loaded: window.app.graph.nodes.map((n) => n.type) };
+    return { missing_node_types: missing, loaded_types: window.app.graph.nodes.map((n) => n.type) };
   }, { text, name: path.basename(file) });
 }
 
@@ -77,17 +85,17 @@ async function layoutProblems(page) {
 // Screenshot the whole graph at zoom 1 (below ~0.6 LiteGraph stops drawing text), in a viewport grown to fit it,
 // placed away from the app's edge overlays (menu, side bar, run button, minimap), clipped to the graph.
 async function screenshotGraph(page, out) {
-  const pad = 24, margin = { left: 120, top: 260, right: 320, bottom: 60 };
+  const pad = 32, margin = { left: 120, top: 260, right: 320, bottom: 60 };
   const box = await page.evaluate(() => {
     const rects = window.app.graph.nodes.map((n) => n.boundingRect);
     const x0 = Math.min(...rects.map((r) => r[0])), y0 = Math.min(...rects.map((r) => r[1]));
     const x1 = Math.max(...rects.map((r) => r[0] + r[2])), y1 = Math.max(...rects.map((r) => r[1] + r[3]));
     return { x0, y0, w: x1 - x0, h: y1 - y0 };
   });
-  await page.setViewportSize({ width: Math.ceil(box.w + margin.left + margin.right), height: Math.ceil(box.h + margin.top + margin.bottom) });
-  await sleep(300); // the canvas follows the window size through a resize observer
+  await resizeWindow(page, { width: Math.ceil(box.w + margin.left + margin.right), height: Math.ceil(box.h + margin.top + margin.bottom) });
   await page.evaluate(({ box, margin }) => {
     const ds = window.app.canvas.ds;
+    window.app.canvas.show_info = false; // the stats text in the canvas' corner
     ds.scale = 1;
     ds.offset = [margin.left - box.x0, margin.top - box.y0];
     window.app.canvas.setDirty(true, true);
@@ -96,7 +104,8 @@ async function screenshotGraph(page, out) {
   await page.waitForFunction(() => window.app.graph.nodes.every((n) => !n.imgs || n.imgs.every((i) => i.complete)), null, { timeout: 10000 }).catch(() => {});
   await sleep(500);
   await page.screenshot({ path: out, clip: { x: margin.left - pad, y: margin.top - pad, width: Math.ceil(box.w) + 2 * pad, height: Math.ceil(box.h) + 2 * pad } });
-  await page.setViewportSize(VIEWPORT);
+  await page.evaluate(() => { window.app.canvas.show_info = true; });
+  await resizeWindow(page, VIEWPORT);
 }
 
 async function setWidgets(page, edits) {
@@ -144,6 +153,24 @@ async function queueThroughApp(page, url) {
   return { queued, http_status: response.status(), prompt_id: answer.prompt_id, history };
 }
 
+async function driveOne(page, file, args) {
+  const result = await loadLikeADrop(page, file);
+  await sleep(500); // dialogs and image previews are scheduled after the load returns
+  result.dialogs = await openDialogs(page);
+  if (result.dialogs.length) await page.keyboard.press('Escape');
+  result.layout = await layoutProblems(page);
+  result.prompt = (await page.evaluate(() => window.app.graphToPrompt())).output;
+  if (args.shots) {
+    result.screenshot = path.join(args.shots, path.basename(file, '.json') + '.png');
+    await screenshotGraph(page, result.screenshot);
+  }
+  if (args.queue) {
+    result.widget_edits = await setWidgets(page, args.edits);
+    Object.assign(result, await queueThroughApp(page, args.url));
+  }
+  return result;
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const browser = await chromium.launch({
@@ -163,19 +190,10 @@ async function main() {
     for (const file of args.workflows) {
       const t0 = Date.now();
       const result = { workflow: file };
-      const { missing, loaded } = await loadLikeADrop(page, file);
-      await sleep(500); // dialogs and image previews are scheduled after the load returns
-      Object.assign(result, { missing_node_types: missing, loaded_types: loaded, dialogs: await openDialogs(page) });
-      if (result.dialogs.length) await page.keyboard.press('Escape');
-      result.layout = await layoutProblems(page);
-      result.prompt = (await page.evaluate(() => window.app.graphToPrompt())).output;
-      if (args.shots) {
-        result.screenshot = path.join(args.shots, path.basename(file, '.json') + '.png');
-        await screenshotGraph(page, result.screenshot);
-      }
-      if (args.queue) {
-        result.widget_edits = await setWidgets(page, args.edits);
-        Object.assign(result, await queueThroughApp(page, args.url));
+      try {
+        Object.assign(result, await driveOne(page, file, args));
+      } catch (e) { // reported with this workflow; the next one still runs
+        result.error = String(e.stack || e).slice(0, 2000);
       }
       Object.assign(result, { page_errors: pageErrors, console_errors: consoleErrors, seconds: (Date.now() - t0) / 1000 });
       pageErrors = []; consoleErrors = [];
