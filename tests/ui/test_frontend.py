@@ -68,9 +68,10 @@ def report(runs: dict[str, dict], name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def browser_runs(comfy, tmp_path_factory) -> dict[str, dict]:
+def browser_runs(request, tmp_path_factory) -> dict[str, dict]:
     """All workflows in one browser session (Chromium's start and the page load cost ~5 s each time)."""
     _browser_or_skip()
+    comfy = request.getfixturevalue("comfy")  # only now: no server start just to skip
     options = [arg for name, value in WIDGET_EDITS.items() for arg in ("--set", f"{name}={value}")]
     if os.environ.get("WRITE_THUMBNAILS") == "1":
         options += ["--shots", str(tmp_path_factory.mktemp("shots"))]
@@ -157,9 +158,10 @@ def test_queued_workflow_runs_and_saves_an_image(comfy, browser_runs, name):
     assert image.size == (WIDGET_EDITS["width"], WIDGET_EDITS["height"])  # it ran the edited graph
 
 
-def test_a_missing_node_type_is_reported(comfy, tmp_path):
+def test_a_missing_node_type_is_reported(request, tmp_path):
     """Negative control for the checks above: an unknown node type must show up in the report and a dialog."""
     _browser_or_skip()
+    comfy = request.getfixturevalue("comfy")
     workflow = json.loads(WORKFLOWS[0].read_text())
     workflow["nodes"][0]["type"] = "NoSuchNodeForThisTest"
     doctored = tmp_path / "doctored.json"
