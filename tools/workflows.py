@@ -5,7 +5,8 @@
 The API twin is the source: tests post it as it is. The UI file (LiteGraph workflow v0.4,
 what ComfyUI's template browser serves and the front end loads) is laid out in columns by
 graph depth; widget values follow each node's input order from /object_info. The browser
-test checks that the front end turns every UI file back into exactly its twin.
+test (tests/ui) checks that the front end turns every UI file back into exactly its twin and
+that the layout fits the front end's node sizes.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
 # LiteGraph's geometry (front end 1.32): a node's body (title bar excluded) is one 20 px row per input/output
-# socket pair, 24 px per widget and 14 px of padding (10 more here, for air); the browser test checks every node is at least the
-# front end's own minimum size and that no two nodes overlap.
+# socket pair, 24 px per widget and 14 px of padding (10 more here, for air). The browser test checks that
+# every node is at least the front end's own minimum size and that no two nodes overlap.
 SLOT_HEIGHT, WIDGET_HEIGHT, BODY_PADDING, TITLE_HEIGHT = 20, 24, 24, 30
 MULTILINE_HEIGHT = 110  # a text box of about five lines
 IMAGE_PREVIEW_HEIGHT = 250  # the picture a LoadImage shows, and the result a SaveImage shows after a run
 IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
 NODE_WIDTH, WIDE_NODE_WIDTH = 320, 400  # nodes with a text box get the front end's default width for them
-MAX_COLUMNS, COLUMN_GAP, ROW_GAP = 4, 50, 30 + TITLE_HEIGHT
+COLUMN_BUDGET, COLUMN_GAP, ROW_GAP = 900, 50, 30  # px; ROW_GAP is free space between a node and the next title
 
 
 def shrink(prompt: dict, size: int = 128, steps: int = 3) -> dict:
@@ -68,26 +69,41 @@ def depths(prompt: dict) -> dict[str, int]:
     return memo
 
 
-def columns(prompt: dict, depth: dict[str, int]) -> dict[str, int]:
-    """Left to right by graph depth, kept compact enough to read in a thumbnail: a node without inputs sits
-    just left of its first consumer (an empty latent next to the sampler, not beside the loader), and
-    everything deeper than MAX_COLUMNS - 1 (decode, save) stacks in the last column."""
+def layers(prompt: dict, depth: dict[str, int]) -> dict[str, int]:
+    """Graph depth, except that a node without inputs sits just left of its first consumer (an empty latent
+    next to the sampler, not beside the loader)."""
     consumers: dict[str, list[str]] = {n: [] for n in prompt}
     for node_id, entry in prompt.items():
         for v in entry["inputs"].values():
             if isinstance(v, list):
                 consumers[v[0]].append(node_id)
-    column = dict(depth)
-    for node_id in prompt:
-        if depth[node_id] == 0 and consumers[node_id]:
-            column[node_id] = max(0, min(depth[c] for c in consumers[node_id]) - 1)
-    return {n: min(c, MAX_COLUMNS - 1) for n, c in column.items()}
+    return {n: max(0, min(depth[c] for c in consumers[n]) - 1) if depth[n] == 0 and consumers[n] else depth[n]
+            for n in prompt}
+
+
+def columns(layer: dict[str, int], heights: dict[str, float]) -> dict[str, int]:
+    """Layers left to right, but consecutive short layers share a column (stacked in layer order) while it
+    stays no taller than COLUMN_BUDGET or the tallest layer: a chain like sampler -> decode -> save takes
+    one column, so even a deep graph stays narrow enough to read in a thumbnail.
+    Filled from the right, where the short tail layers are."""
+    def height(nodes):
+        return sum(heights[n] + TITLE_HEIGHT for n in nodes) + ROW_GAP * (len(nodes) - 1)
+
+    by_layer = [[n for n in layer if layer[n] == k] for k in sorted(set(layer.values()))]
+    budget = max(COLUMN_BUDGET, *(height(nodes) for nodes in by_layer))
+    column, stacked, col = {}, [], 0
+    for nodes in reversed(by_layer):
+        if stacked and height(stacked + nodes) > budget:
+            stacked, col = [], col + 1
+        stacked += nodes
+        column.update({n: col for n in nodes})
+    return {n: col - c for n, c in column.items()}  # numbered left to right
 
 
 def to_ui(prompt: dict, object_info: dict) -> dict:
     """A LiteGraph v0.4 workflow equivalent to the API-format `prompt`."""
     depth = depths(prompt)
-    column = columns(prompt, depth)
+    layer = layers(prompt, depth)
     order = sorted(prompt, key=lambda n: (depth[n], int(n)))  # "order": a topological one, sources first
     nodes, links = {}, []
     for rank, node_id in enumerate(order):
@@ -122,16 +138,17 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
         if "_meta" in entry:
             node["title"] = entry["_meta"]["title"]
         nodes[node_id] = node
-    # Place columns left to right, each as wide as its widest node; within a column, top to bottom by id
-    # (the twins number nodes in reading order). Positions are the top left of the body: the title bar
-    # is drawn above it, so the first row starts one title height down.
+    # Place columns left to right, each as wide as its widest node; within a column, top to bottom by layer,
+    # then by id (the twins number nodes in reading order). Positions are the top left of the body: the
+    # title bar is drawn above it, so the first row starts one title height down.
+    column = columns(layer, {n: node["size"][1] for n, node in nodes.items()})
     x = 0
     for col in sorted(set(column.values())):
-        members = sorted((n for n in order if column[n] == col), key=int)
+        members = sorted((n for n in order if column[n] == col), key=lambda n: (layer[n], int(n)))
         y = TITLE_HEIGHT
         for node_id in members:
             nodes[node_id]["pos"] = [x, y]
-            y += nodes[node_id]["size"][1] + ROW_GAP
+            y += nodes[node_id]["size"][1] + ROW_GAP + TITLE_HEIGHT
         x += max(nodes[n]["size"][0] for n in members) + COLUMN_GAP
     for node_id in order:
         for slot, socket in enumerate(nodes[node_id]["inputs"]):
