@@ -1,10 +1,10 @@
 // Drive ComfyUI's own front end in headless Chromium: load UI workflows like a user's file drop, report what
 // the app made of them, and queue them through the app.
 //
-//   node drive.js URL [--shots DIR] [--no-queue] [--set WIDGET=NUMBER ...] WORKFLOW.json ...
+//   node drive.js URL [--shots DIR] [--no-queue] [--set [NODE_TYPE.]WIDGET=NUMBER ...] WORKFLOW.json ...
 //
-// --set: before queueing, give every widget with that name (on any node) that value, as a user would; the
-// tests make the example workflows small and short this way (width/height/steps) so they run in seconds.
+// --set: before queueing, give every widget of that name (on nodes of that type, or on any node) that value,
+// as a user would; the tests make the example workflows small and short this way so they run in seconds.
 //
 // Prints one JSON line per workflow (driveOne's report, or `error`). Exits non-zero only when the browser or the page
 // itself cannot be driven; everything about a workflow is data for the caller (tests/ui/test_frontend.py).
@@ -19,12 +19,12 @@ function parseArgs(argv) {
   const args = { url: null, shots: null, queue: true, edits: {}, workflows: [] };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--shots') args.shots = argv[++i];
-    else if (argv[i] === '--set') { const [name, value] = argv[++i].split('='); args.edits[name] = Number(value); }
+    else if (argv[i] === '--set') { const [key, value] = argv[++i].split('='); args.edits[key] = Number(value); }
     else if (argv[i] === '--no-queue') args.queue = false;
     else if (!args.url) args.url = argv[i].replace(/\/$/, '');
     else args.workflows.push(argv[i]);
   }
-  if (!args.url || !args.workflows.length) throw new Error('usage: node drive.js URL [--shots DIR] [--no-queue] [--set WIDGET=NUMBER ...] WORKFLOW.json ...');
+  if (!args.url || !args.workflows.length) throw new Error('usage: node drive.js URL [--shots DIR] [--no-queue] [--set [NODE_TYPE.]WIDGET=NUMBER ...] WORKFLOW.json ...');
   return args;
 }
 
@@ -113,8 +113,9 @@ async function setWidgets(page, edits) {
     const done = [];
     for (const node of window.app.graph.nodes) {
       for (const w of node.widgets ?? []) {
-        if (w.name in edits) {
-          w.value = edits[w.name];
+        const key = `${node.type}.${w.name}` in edits ? `${node.type}.${w.name}` : w.name;
+        if (key in edits) {
+          w.value = edits[key];
           w.callback?.(w.value, window.app.canvas, node); // as a user's edit does: extensions may listen
           done.push([String(node.id), w.name, w.value]);
         }

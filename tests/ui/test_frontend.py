@@ -15,7 +15,6 @@ Needs Debian's /usr/bin/chromium and tests/ui/node_modules (`make ui-deps`).
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -28,13 +27,17 @@ import pytest
 from PIL import Image
 
 from comfy_server import PACK_NAME
+from workflows import SIZE_INPUTS, shrink  # tools/workflows.py: the CPU-friendly edit the server tests use too
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 CHROMIUM = Path("/usr/bin/chromium")  # drive.js launches this one (Debian's build, no downloaded browsers)
-# Small enough for the tiny test model to run each workflow in seconds; set by widget name, on any node.
-WIDGET_EDITS = {"width": 64, "height": 64, "steps": 2}
+# Small enough for the tiny test model to run each workflow in seconds: shrink()'s edit (image sizes of the
+# nodes in SIZE_INPUTS, every sampler's steps), made in the browser through the widgets of those names.
+SIZE, STEPS = 64, 2
+WIDGET_EDITS = [f"{node_type}.{name}={SIZE}" for node_type, names in SIZE_INPUTS.items() for name in names]
+WIDGET_EDITS.append(f"steps={STEPS}")
 THUMB_WIDTH, THUMB_MAX_BYTES = 640, 100_000
 
 
@@ -72,7 +75,7 @@ def browser_runs(request, tmp_path_factory) -> dict[str, dict]:
     """All workflows in one browser session (Chromium's start and the page load cost ~5 s each time)."""
     _browser_or_skip()
     comfy = request.getfixturevalue("comfy")  # only now: no server start just to skip
-    options = [arg for name, value in WIDGET_EDITS.items() for arg in ("--set", f"{name}={value}")]
+    options = [arg for edit in WIDGET_EDITS for arg in ("--set", edit)]
     if os.environ.get("WRITE_THUMBNAILS") == "1":
         options += ["--shots", str(tmp_path_factory.mktemp("shots"))]
     results = drive(comfy.url, WORKFLOWS, *options)
@@ -92,16 +95,6 @@ def nodes_by_id(prompt: dict) -> dict:
     ["source id", output index] on both sides, and JSON numbers compare by value (1 == 1.0), so nothing else
     needs normalising."""
     return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompt.items()}
-
-
-def with_edits(prompt: dict) -> dict:
-    """The twin as it should be queued after drive.js's widget edits: the same values replaced, links untouched."""
-    edited = copy.deepcopy(prompt)
-    for node in edited.values():
-        for name, value in node["inputs"].items():
-            if name in WIDGET_EDITS and not isinstance(value, list):
-                node["inputs"][name] = WIDGET_EDITS[name]
-    return edited
 
 
 names = pytest.mark.parametrize("name", [w.stem for w in WORKFLOWS])
@@ -145,7 +138,7 @@ def test_front_end_prompt_is_the_twin(browser_runs, name):
 def test_queued_prompt_is_the_twin_with_the_edits(browser_runs, name):
     run = report(browser_runs, name)
     assert run["http_status"] == 200, run.get("answer")
-    assert nodes_by_id(run["queued"]) == nodes_by_id(with_edits(twin(name)))
+    assert nodes_by_id(run["queued"]) == nodes_by_id(shrink(twin(name), size=SIZE, steps=STEPS))
 
 
 @names
@@ -155,7 +148,7 @@ def test_queued_workflow_runs_and_saves_an_image(comfy, browser_runs, name):
     assert history["status"] == "success", history["messages"]
     assert history["images"], "no image in the outputs"
     image = Image.open(io.BytesIO(comfy.view(history["images"][0])))
-    assert image.size == (WIDGET_EDITS["width"], WIDGET_EDITS["height"])  # it ran the edited graph
+    assert image.size == (SIZE, SIZE)  # it ran the edited graph
 
 
 def test_a_missing_node_type_is_reported(request, tmp_path):
