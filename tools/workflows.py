@@ -5,7 +5,8 @@
 The API twin is the source: tests post it as it is. The UI file (LiteGraph workflow v0.4,
 what ComfyUI's template browser serves and the front end loads) is laid out in columns by
 graph depth; widget values follow each node's input order from /object_info. The browser
-test checks that the front end turns every UI file back into exactly its twin.
+test (tests/ui) checks that the front end turns every UI file back into exactly its twin and
+that the layout fits the front end's node sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
-COLUMN_WIDTH, NODE_WIDTH, ROW_HEIGHT, GAP = 380, 330, 26, 40
+# LiteGraph's geometry (front end 1.32): a node's body (title bar excluded) is one 20 px row per input/output
+# socket pair, 24 px per widget and 14 px of padding (10 more here, for air). The browser test checks that
+# every node is at least the front end's own minimum size and that no two nodes overlap.
+SLOT_HEIGHT, WIDGET_HEIGHT, BODY_PADDING, TITLE_HEIGHT = 20, 24, 24, 30
+MULTILINE_HEIGHT = 110  # a text box of about five lines
+IMAGE_PREVIEW_HEIGHT = 250  # the picture a LoadImage shows, and the result a SaveImage shows after a run
+IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
+NODE_WIDTH, WIDE_NODE_WIDTH = 320, 400  # nodes with a text box get the front end's default width for them
+COLUMN_BUDGET, COLUMN_GAP, ROW_GAP = 900, 50, 30  # px; ROW_GAP is free space between a node and the next title
 
 
 def shrink(prompt: dict, size: int = 128, steps: int = 3) -> dict:
@@ -46,6 +55,7 @@ def input_specs(info: dict) -> list[tuple[str, list]]:
 
 
 def depths(prompt: dict) -> dict[str, int]:
+    """Longest path from a node without inputs."""
     memo: dict[str, int] = {}
 
     def depth(node_id: str) -> int:
@@ -59,38 +69,87 @@ def depths(prompt: dict) -> dict[str, int]:
     return memo
 
 
+def layers(prompt: dict, depth: dict[str, int]) -> dict[str, int]:
+    """Graph depth, except that a node without inputs sits just left of its first consumer (an empty latent
+    next to the sampler, not beside the loader)."""
+    consumers: dict[str, list[str]] = {n: [] for n in prompt}
+    for node_id, entry in prompt.items():
+        for v in entry["inputs"].values():
+            if isinstance(v, list):
+                consumers[v[0]].append(node_id)
+    return {n: max(0, min(depth[c] for c in consumers[n]) - 1) if depth[n] == 0 and consumers[n] else depth[n]
+            for n in prompt}
+
+
+def columns(layer: dict[str, int], heights: dict[str, float]) -> dict[str, int]:
+    """Layers left to right, but consecutive short layers share a column (stacked in layer order) while it
+    stays no taller than COLUMN_BUDGET or the tallest layer: a chain like sampler -> decode -> save takes
+    one column, so even a deep graph stays narrow enough to read in a thumbnail.
+    Filled from the right, where the short tail layers are."""
+    def height(nodes):
+        return sum(heights[n] + TITLE_HEIGHT for n in nodes) + ROW_GAP * (len(nodes) - 1)
+
+    by_layer = [[n for n in layer if layer[n] == k] for k in sorted(set(layer.values()))]
+    budget = max(COLUMN_BUDGET, *(height(nodes) for nodes in by_layer))
+    column, stacked, col = {}, [], 0
+    for nodes in reversed(by_layer):
+        if stacked and height(stacked + nodes) > budget:
+            stacked, col = [], col + 1
+        stacked += nodes
+        column.update({n: col for n in nodes})
+    return {n: col - c for n, c in column.items()}  # numbered left to right
+
+
 def to_ui(prompt: dict, object_info: dict) -> dict:
     """A LiteGraph v0.4 workflow equivalent to the API-format `prompt`."""
-    level = depths(prompt)
-    order = sorted(prompt, key=lambda n: (level[n], int(n)))
+    depth = depths(prompt)
+    layer = layers(prompt, depth)
+    order = sorted(prompt, key=lambda n: (depth[n], int(n)))  # "order": a topological one, sources first
     nodes, links = {}, []
-    column_y: dict[int, float] = {}
     for rank, node_id in enumerate(order):
         entry, info = prompt[node_id], object_info[prompt[node_id]["class_type"]]
-        inputs, widgets = [], []
+        inputs, widgets, multiline, preview = [], [], False, entry["class_type"] in IMAGE_OUTPUT_NODES
         for name, spec in input_specs(info):
             value = entry["inputs"].get(name)
             if is_widget(spec):
-                widgets.append(spec[1].get("default") if value is None else value)
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                options = spec[1] if len(spec) > 1 else {}
+                widgets.append(options.get("default") if value is None else value)
+                multiline |= bool(options.get("multiline"))
+                # Widgets the front end adds after an input and serialises in widgets_values (not sent to the
+                # server): the seed's "control after generate" and LoadImage's upload button.
+                if options.get("control_after_generate"):
                     widgets.append("fixed")
-                if len(spec) > 1 and spec[1].get("image_upload"):
+                if options.get("image_upload"):
                     widgets.append("image")
+                    preview = True
             else:
                 inputs.append({"name": name, "type": spec[0], "link": None})
         outputs = [{"name": name, "type": kind, "links": [], "slot_index": i}
                    for i, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
-        height = 60 + ROW_HEIGHT * (len(inputs) + len(widgets) + len(outputs))
-        if any(isinstance(w, str) and len(w) > 40 for w in widgets):
-            height += 80  # multiline text boxes
-        x, y = 40 + COLUMN_WIDTH * level[node_id], column_y.get(level[node_id], 40)
-        column_y[level[node_id]] = y + height + GAP
-        node = {"id": int(node_id), "type": entry["class_type"], "pos": [x, y], "size": [NODE_WIDTH, height],
+        height = SLOT_HEIGHT * max(len(inputs), len(outputs)) + WIDGET_HEIGHT * len(widgets) + BODY_PADDING
+        if multiline:
+            height += MULTILINE_HEIGHT - WIDGET_HEIGHT
+        if preview:
+            height += IMAGE_PREVIEW_HEIGHT
+        node = {"id": int(node_id), "type": entry["class_type"], "pos": [0, 0],
+                "size": [WIDE_NODE_WIDTH if multiline else NODE_WIDTH, height],
                 "flags": {}, "order": rank, "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": entry["class_type"]}, "widgets_values": widgets}
         if "_meta" in entry:
             node["title"] = entry["_meta"]["title"]
         nodes[node_id] = node
+    # Place columns left to right, each as wide as its widest node; within a column, top to bottom by layer,
+    # then by id (the twins number nodes in reading order). Positions are the top left of the body: the
+    # title bar is drawn above it, so the first row starts one title height down.
+    column = columns(layer, {n: node["size"][1] for n, node in nodes.items()})
+    x = 0
+    for col in sorted(set(column.values())):
+        members = sorted((n for n in order if column[n] == col), key=lambda n: (layer[n], int(n)))
+        y = TITLE_HEIGHT
+        for node_id in members:
+            nodes[node_id]["pos"] = [x, y]
+            y += nodes[node_id]["size"][1] + ROW_GAP + TITLE_HEIGHT
+        x += max(nodes[n]["size"][0] for n in members) + COLUMN_GAP
     for node_id in order:
         for slot, socket in enumerate(nodes[node_id]["inputs"]):
             source = prompt[node_id]["inputs"].get(socket["name"])
@@ -101,9 +160,11 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             links.append([link_id, int(source[0]), origin_slot, int(node_id), slot, socket["type"]])
             socket["link"] = link_id
             origin["outputs"][origin_slot]["links"].append(link_id)
+    # No saved view ("extra.ds"): the front end then fits the whole graph into the window on open, whatever
+    # its size (a fixed offset put the first column under the menu bar).
     return {"last_node_id": max(int(n) for n in prompt), "last_link_id": len(links),
             "nodes": [nodes[n] for n in order], "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "extra": {}, "version": 0.4}
 
 
 def write_ui_workflows(object_info: dict) -> list[Path]:
