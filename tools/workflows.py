@@ -29,6 +29,7 @@ MULTILINE_HEIGHT = 110  # a text box of about five lines
 IMAGE_PREVIEW_HEIGHT = 250  # the picture a LoadImage shows, and the result a SaveImage shows after a run
 IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
 NODE_WIDTH, WIDE_NODE_WIDTH = 320, 400  # nodes with a text box get the front end's default width for them
+TITLE_CHAR_WIDTH = 7.6  # the front end widens a node to its title: ~7.3 px a character in its default font
 COLUMN_BUDGET, COLUMN_GAP, ROW_GAP = 900, 50, 30  # px; ROW_GAP is free space between a node and the next title
 
 
@@ -131,8 +132,9 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             height += MULTILINE_HEIGHT - WIDGET_HEIGHT
         if preview:
             height += IMAGE_PREVIEW_HEIGHT
-        node = {"id": int(node_id), "type": entry["class_type"], "pos": [0, 0],
-                "size": [WIDE_NODE_WIDTH if multiline else NODE_WIDTH, height],
+        title = entry.get("_meta", {}).get("title", info.get("display_name", ""))
+        width = max(WIDE_NODE_WIDTH if multiline else NODE_WIDTH, round(TITLE_CHAR_WIDTH * len(title)) + 10)
+        node = {"id": int(node_id), "type": entry["class_type"], "pos": [0, 0], "size": [width, height],
                 "flags": {}, "order": rank, "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": entry["class_type"]}, "widgets_values": widgets}
         if "_meta" in entry:

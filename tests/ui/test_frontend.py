@@ -146,8 +146,9 @@ def test_queued_workflow_runs_and_saves_an_image(comfy, browser_runs, name):
     history = report(browser_runs, name)["history"]
     assert history is not None, "the prompt did not finish in time"
     assert history["status"] == "success", history["messages"]
-    assert history["images"], "no image in the outputs"
-    image = Image.open(io.BytesIO(comfy.view(history["images"][0])))
+    saved = [i for i in history["images"] if i["type"] == "output"]  # SaveImage's, not PreviewImage's (temp)
+    assert saved, "no saved image in the outputs"
+    image = Image.open(io.BytesIO(comfy.view(saved[0])))
     assert image.size == (SIZE, SIZE)  # it ran the edited graph
 
 
