@@ -1,17 +1,18 @@
 """The diffusers reference, timed on request: runs in the reference venv (see bench/run.py).
 
 Reads one JSON command per line on stdin, answers one JSON line on stdout:
-    {"op": "load", "model": DIR, "device": "cpu", "dtype": "fp32"} -> {"seconds": ...}
-    {"op": "encode", "batch": 4}                                   -> {"seconds": ..., "embeds": sha}
+    {"op": "load", "model": DIR, "device": "cpu", "dtype": "fp32"}  -> {"seconds"}
+    {"op": "encode", "batch": 4}                                    -> {"seconds"}
+    {"op": "conditioning", "prompt": "..."}                         -> {"seconds"}
+    {"op": "generate", "size": 256, "steps": 10, "controlnet": false, "seed": 0} -> {"seconds"}
+    {"op": "peak_rss"}                                              -> {"bytes"}
+Each timed call is what BlipDiffusionPipeline does for that stage, on the same inputs as the pack.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,47 +21,33 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
+sys.path.insert(0, str(ROOT / "tools" / "reference"))
+
+from run_pipeline import load_pipelines  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NEGATIVE = "lowres, blurry, worst quality"
 
 
-class Reference:
-    def load(self, model: str, device: str = "cpu", dtype: str = "fp32") -> dict:
-        from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
-        from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
-        from transformers import Blip2Config
-
-        start = time.perf_counter()
-        model = Path(model)
-        self.device, self.dtype = torch.device(device), DTYPES[dtype]
-        with tempfile.TemporaryDirectory() as vocab:
-            shutil.copy(BERT_VOCAB, Path(vocab) / "vocab.txt")
-            config = Blip2Config.from_pretrained(model / "qformer")
-            config.tokenizer = vocab
-            self.qformer = Blip2QFormerModel.from_pretrained(model / "qformer", config=config,
-                                                             torch_dtype=self.dtype).to(self.device).eval()
-        self.processor = BlipImageProcessor.from_pretrained(model / "image_processor")
-        index = json.loads((model / "model_index.json").read_text())
-        self.mean, self.std = index["mean"], index["std"]
-        return {"seconds": time.perf_counter() - start}
-
-    @torch.no_grad()
-    def encode(self, batch: int) -> dict:
-        """What BlipDiffusionPipeline does for the subject: preprocess, then the Q-Former (+ projection)."""
-        images = [Image.fromarray(a) for a in bench_images(batch)]
-        sync(self.device)
-        start = time.perf_counter()
-        pixels = self.processor.preprocess(images, image_mean=self.mean, image_std=self.std,
-                                           return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        out = self.qformer(image_input=pixels, text_input=["dog"] * batch, return_dict=False)
-        sync(self.device)
-        return {"seconds": time.perf_counter() - start, "embeds": digest(out)}
-
-
-def bench_images(batch: int) -> list[np.ndarray]:
-    """The same 512x512 photos-to-be for both sides (bench/run.py uses this function too)."""
+def bench_images(batch: int, size: int = 512) -> list[np.ndarray]:
+    """The photos both sides encode (bench/run.py uses this function too)."""
     rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(batch)]
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+
+
+def control_image(size: int) -> np.ndarray:
+    """A blocky edge-like control image, the same on both sides."""
+    rng = np.random.default_rng(1)
+    return np.repeat(np.repeat(rng.integers(0, 2, (size // 16, size // 16, 1)) * 255, 16, 0), 16, 1).repeat(3, 2)\
+        .astype(np.uint8)
+
+
+def peak_rss() -> int:
+    """VmHWM of this process: its peak resident memory, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def sync(device: torch.device) -> None:
@@ -68,8 +55,56 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.float().cpu().numpy().round(3).tobytes()).hexdigest()[:12]
+class Reference:
+    def load(self, model: str, device: str = "cpu", dtype: str = "fp32") -> dict:
+        start = time.perf_counter()
+        self.device = torch.device(device)
+        self.plain, self.controlled = load_pipelines(Path(model), DTYPES[dtype], device)
+        return {"seconds": time.perf_counter() - start}
+
+    def _timed(self, fn) -> dict:
+        sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        sync(self.device)
+        return {"seconds": time.perf_counter() - start}
+
+    def encode(self, batch: int) -> dict:
+        """Preprocessing + Q-Former + projection, as the pipeline encodes its reference image."""
+        pipe, images = self.plain, [Image.fromarray(a) for a in bench_images(batch)]
+
+        def run():
+            pixels = pipe.image_processor.preprocess(images, image_mean=pipe.config.mean, image_std=pipe.config.std,
+                                                     return_tensors="pt")["pixel_values"].to(self.device, pipe.qformer.dtype)
+            pipe.get_query_embeddings(pixels, ["dog"] * batch)
+
+        return self._timed(run)
+
+    def conditioning(self, prompt: str) -> dict:
+        """The prompt with the subject spliced in: the pipeline's encode_prompt (one text-encoder call)."""
+        pipe = self.plain
+        if not hasattr(self, "query"):
+            pixels = pipe.image_processor.preprocess([Image.fromarray(bench_images(1)[0])], return_tensors="pt",
+                                                     image_mean=pipe.config.mean, image_std=pipe.config.std)
+            with torch.no_grad():
+                self.query = pipe.get_query_embeddings(pixels["pixel_values"].to(self.device, pipe.qformer.dtype), ["dog"])
+        text = pipe._build_prompt([prompt], ["dog"])
+        return self._timed(lambda: pipe.encode_prompt(self.query, text, self.device))
+
+    def generate(self, size: int, steps: int, controlnet: bool = False, seed: int = 0) -> dict:
+        """One whole image: subject encoding, both prompts, the sampling loop and the VAE decode."""
+        args = ["swimming underwater", Image.fromarray(bench_images(1)[0])]
+        pipe = self.plain
+        if controlnet:
+            pipe = self.controlled
+            args.append(Image.fromarray(control_image(size)))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return self._timed(lambda: pipe(*args, "dog", "dog", guidance_scale=7.5, height=size, width=size,
+                                        num_inference_steps=steps, neg_prompt=NEGATIVE, generator=generator))
+
+    def peak_rss(self) -> dict:
+        return {"bytes": peak_rss()}
 
 
 def main() -> None:

@@ -8,7 +8,9 @@ from .models import DTYPES, load_clip, load_subject_encoder_patcher, load_unet, 
 
 WHERE = "Folders in models/blip_diffusion with the released diffusers layout (model_index.json, qformer/, " \
         "text_encoder/, tokenizer/, unet/, vae/), e.g. a download of Salesforce/blipdiffusion."
-DTYPE_TIP = "Weight precision. auto: float32 on the CPU, ComfyUI's usual half precision on a GPU."
+DTYPE_TIP = ("Weight precision. auto: ComfyUI's precision flags if given; otherwise the UNet, CLIP and VAE as "
+             "ComfyUI chooses, and the subject encoder in half precision on a GPU, in bfloat16 on a CPU that "
+             "computes it natively (AVX512-BF16/AMX), else float32.")
 
 
 class BlipDiffusionLoader(io.ComfyNode):

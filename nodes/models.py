@@ -21,6 +21,7 @@ import comfy.ops
 import comfy.sd
 import comfy.utils
 import folder_paths
+from comfy.cli_args import args
 
 from ..blip_core import SubjectEncoder, load_subject_encoder
 
@@ -167,11 +168,22 @@ class LoadedSubjectEncoder:
         return out.to(mm.intermediate_device())
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matrix work runs natively (about 2x float32), not emulated."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """auto: float32 on the CPU (half precision is slow there), else ComfyUI's text-encoder dtype."""
+    """The subject encoder's precision. auto: ComfyUI's text-encoder precision flags when given
+    (--fp32-text-enc, --force-fp32, ...); on a GPU its text-encoder dtype; on a CPU bfloat16 where
+    the CPU computes it natively, else float32 (LayerNorms always run in float32)."""
     if DTYPES[choice] is not None:
         return DTYPES[choice]
-    return torch.float32 if mm.is_device_cpu(device) else mm.text_encoder_dtype(device)
+    if args.force_fp32 or args.fp32_text_enc:
+        return torch.float32
+    if args.fp16_text_enc or args.bf16_text_enc or not mm.is_device_cpu(device):
+        return mm.text_encoder_dtype(device)
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def load_subject_encoder_patcher(path: Path, dtype_choice: str) -> LoadedSubjectEncoder:

@@ -125,8 +125,9 @@ def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path
 class ComfyServer:
     """Start ComfyUI on a free loopback port; stop it (and its children) on exit, whatever happened."""
 
-    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120):
+    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120, cpu: bool = True):
         self.base, self.extra_args, self.startup_timeout = Path(base), list(extra_args), startup_timeout
+        self.device_args = ["--cpu"] if cpu else []
         self.proc = None
 
     def __enter__(self) -> Comfy:
@@ -137,11 +138,12 @@ class ComfyServer:
         self._log = open(log_path, "wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+            [sys.executable, "main.py", *self.device_args, "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
              "--disable-api-nodes", *self.extra_args],
             cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         client = Comfy(f"http://127.0.0.1:{port}", self.base, log_path)
+        client.pid = self.proc.pid
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:

@@ -33,7 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
 
 
-def load_pipeline(model: Path, vocab_dir: Path, controlnet: bool):
+def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(BlipDiffusionPipeline, BlipDiffusionControlNetPipeline or None), sharing their components.
+
+    from_pretrained of the pipelines fails for the released layout in diffusers >= 0.38, so
+    each component is loaded from its subfolder and the pipelines are constructed directly.
+    """
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
     from diffusers import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
@@ -41,24 +46,32 @@ def load_pipeline(model: Path, vocab_dir: Path, controlnet: bool):
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
     from transformers import Blip2Config, CLIPTokenizer
 
-    f32 = {"torch_dtype": torch.float32}
-    config = Blip2Config.from_pretrained(model / "qformer")
-    config.tokenizer = str(vocab_dir)  # the released config has none and would fetch bert-base-uncased
+    kw = {"torch_dtype": dtype}
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        shutil.copy(BERT_VOCAB, Path(vocab_dir) / "vocab.txt")
+        config = Blip2Config.from_pretrained(model / "qformer")
+        config.tokenizer = vocab_dir  # the released config has none and would fetch bert-base-uncased
+        qformer = Blip2QFormerModel.from_pretrained(model / "qformer", config=config, **kw)
     parts = dict(
         tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer"),
-        text_encoder=ContextCLIPTextModel.from_pretrained(model / "text_encoder", **f32),
-        vae=AutoencoderKL.from_pretrained(model / "vae", **f32),
-        unet=UNet2DConditionModel.from_pretrained(model / "unet", **f32),
+        text_encoder=ContextCLIPTextModel.from_pretrained(model / "text_encoder", **kw),
+        vae=AutoencoderKL.from_pretrained(model / "vae", **kw),
+        unet=UNet2DConditionModel.from_pretrained(model / "unet", **kw),
         scheduler=PNDMScheduler.from_pretrained(model / "scheduler"),
-        qformer=Blip2QFormerModel.from_pretrained(model / "qformer", config=config, **f32),
+        qformer=qformer,
         image_processor=BlipImageProcessor.from_pretrained(model / "image_processor"),
     )
     index = json.loads((model / "model_index.json").read_text())
     extra = {"ctx_begin_pos": index["ctx_begin_pos"], "mean": index["mean"], "std": index["std"]}
-    if controlnet:
-        return BlipDiffusionControlNetPipeline(controlnet=ControlNetModel.from_pretrained(model / "controlnet", **f32),
-                                               **parts, **extra)
-    return BlipDiffusionPipeline(**parts, **extra)
+    plain = BlipDiffusionPipeline(**parts, **extra).to(device)
+    controlled = None
+    if (model / "controlnet" / "config.json").is_file():
+        controlnet = ControlNetModel.from_pretrained(model / "controlnet", **kw)
+        controlled = BlipDiffusionControlNetPipeline(controlnet=controlnet, **parts, **extra).to(device)
+    for pipe in (plain, controlled):
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+    return plain, controlled
 
 
 def record_first(module, store: dict, key: str, pick=lambda out: out):
@@ -88,10 +101,8 @@ def main(request_file: Path, out: Path) -> None:
     req = json.loads(request_file.read_text())
     model = Path(req["model"])
     control = req.get("control_image")
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        shutil.copy(BERT_VOCAB, Path(vocab_dir) / "vocab.txt")
-        pipe = load_pipeline(model, Path(vocab_dir), controlnet=control is not None)
-    pipe.set_progress_bar_config(disable=True)
+    plain, controlled = load_pipelines(model)
+    pipe = plain if control is None else controlled
     store: dict[str, torch.Tensor] = {}
     texts: list[torch.Tensor] = []
     hooks = [record_all(pipe.text_encoder, texts),
