@@ -8,6 +8,7 @@ Every failure names the file and says what was expected.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -52,8 +53,13 @@ def load_pickle(path: str | Path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint "
-                         f"(torch.load weights_only=True rejected it): {e}") from e
+        # torch's own message advises retrying with weights_only=False, the one thing never to do
+        # with a file that may run code; say what was found and what to use instead.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f": it would import or call {found.group(1)}" if found else ""
+        raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint (torch.load weights_only=True "
+                         f"rejected it{what}). Weights files hold only tensors; this one may run code when "
+                         "unpickled. Use a .safetensors file or the original download.") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
