@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import paths
 from .api import CATEGORY, SubjectEncoderType, io
-from .models import DTYPES, load_clip, load_subject_encoder_patcher, load_unet, load_vae
+from .models import DTYPES, check_layout, load_clip, load_subject_encoder_patcher, load_unet, load_vae
 
 WHERE = "Folders in models/blip_diffusion with the released diffusers layout (model_index.json, qformer/, " \
         "text_encoder/, tokenizer/, unet/, vae/), e.g. a download of Salesforce/blipdiffusion."
@@ -37,6 +37,7 @@ class BlipDiffusionLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
         folder = paths.resolve(model_name, what="BLIP-Diffusion model")
+        check_layout(folder)
         dtype = DTYPES[weight_dtype]
         encoder = load_subject_encoder_patcher(folder, weight_dtype)
         return io.NodeOutput(load_unet(folder, dtype), load_clip(folder), load_vae(folder), encoder)

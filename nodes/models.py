@@ -19,16 +19,23 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import comfy.sd
+import comfy.supported_models
 import comfy.utils
 import folder_paths
 from comfy.cli_args import args
 
-from ..blip_core import SubjectEncoder, load_subject_encoder
+from ..blip_core import SubjectEncoder, load_subject_encoder, read_state_dict
+from ..blip_core.subject_encoder import WEIGHT_NAMES as QFORMER_FILES
 
 UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
               "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 TEXT_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What the loader reads from a folder: (subfolder, weight file names in order of preference, needs config.json).
+# tokenizer/ is not read: ComfyUI's SD-1.5 CLIP tokenizer is the release's vocabulary.
+LAYOUT = (("qformer", QFORMER_FILES, True), ("text_encoder", TEXT_FILES, False), ("unet", UNET_FILES, True),
+          ("vae", UNET_FILES, False))
+CLIP_OPTIONAL = {"text_projection.weight"}  # SD-1.5's CLIP has no projection; ComfyUI does not use it for SD-1.5
 
 
 def component(folder: Path, sub: str, names: tuple[str, ...]) -> Path:
@@ -38,6 +45,21 @@ def component(folder: Path, sub: str, names: tuple[str, ...]) -> Path:
             return folder / sub / name
     raise FileNotFoundError(f"{folder.name}: missing {sub}/ weights: expected {folder / sub}/{names[0]} "
                             f"(or {', '.join(names[1:])}); the folder needs the released BLIP-Diffusion layout")
+
+
+def check_layout(folder: Path) -> None:
+    """Every file the loader reads, checked before any is loaded: one error lists all that are missing,
+    instead of failing on the last part after minutes of loading the others."""
+    missing = []
+    for sub, names, needs_config in LAYOUT:
+        if needs_config and not (folder / sub / "config.json").is_file():
+            missing.append(f"{sub}/config.json")
+        if not any((folder / sub / name).is_file() for name in names):
+            missing.append(f"{sub}/{names[0]} (or {', '.join(names[1:])})")
+    if missing:
+        raise FileNotFoundError(f"{folder.name}: incomplete BLIP-Diffusion folder {folder}: missing "
+                                f"{'; '.join(missing)}. It needs the released layout (model_index.json, qformer/, "
+                                "text_encoder/, unet/, vae/), e.g. a full download of Salesforce/blipdiffusion.")
 
 
 def read_config(folder: Path, sub: str, file: str = "config.json") -> dict:
@@ -101,12 +123,18 @@ def diffusers_to_ldm(state_dict: dict, mapping: dict, source: Path, what: str = 
 
 def load_unet(folder: Path, dtype: torch.dtype | None):
     path = component(folder, "unet", UNET_FILES)
-    ldm = diffusers_to_ldm(comfy.utils.load_torch_file(str(path), safe_load=True),
+    ldm = diffusers_to_ldm(read_state_dict(path),
                            comfy.utils.unet_to_diffusers(ldm_unet_config(read_config(folder, "unet"))), path)
     model = comfy.sd.load_diffusion_model_state_dict(dict(ldm), model_options={"dtype": dtype} if dtype else {})
     if model is None:
         raise ValueError(f"{path}: ComfyUI does not recognise this UNet as SD-1.5 (BLIP-Diffusion needs width 320 "
                          "and a 768-wide cross-attention context)")
+    # ComfyUI happily loads e.g. an SD-2 UNet from these keys; the subject vectors are 768-wide CLIP-L tokens.
+    config = model.model.model_config
+    context = config.unet_config.get("context_dim")
+    if not isinstance(config, comfy.supported_models.SD15) or context != 768:
+        raise ValueError(f"{path}: ComfyUI reads this UNet as {type(config).__name__} (cross-attention context "
+                         f"{context}); BLIP-Diffusion needs an SD-1.5 UNet (width 320, context 768) as in the release")
     missing = sorted(set(model.model.diffusion_model.state_dict()) - set(ldm))
     if missing:
         raise ValueError(f"{path} lacks weights the UNet needs: {missing[:3]} ({len(missing)} in all)")
@@ -115,14 +143,30 @@ def load_unet(folder: Path, dtype: torch.dtype | None):
 
 def load_clip(folder: Path):
     path = component(folder, "text_encoder", TEXT_FILES)
-    return comfy.sd.load_clip([str(path)], embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    state_dict = read_state_dict(path)
+    try:
+        clip = comfy.sd.load_text_encoder_state_dicts([dict(state_dict)],
+                                                      embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                                      clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    except RuntimeError as e:  # tensors of the right names but other shapes
+        raise ValueError(f"{path} does not fit SD-1.5's CLIP-L text encoder: {e}") from None
+    # ComfyUI only logs missing tensors and keeps uninitialised ones: refuse instead of encoding garbage.
+    what = f"{path} is not SD-1.5's CLIP-L text encoder (the release's text_encoder/)"
+    encoder = getattr(clip.cond_stage_model, "clip_l", None)
+    if encoder is None:
+        raise ValueError(f"{what}: ComfyUI reads it as {type(clip.cond_stage_model).__name__}")
+    missing = sorted(set(encoder.transformer.state_dict()) - set(state_dict) - CLIP_OPTIONAL)
+    if missing:
+        raise ValueError(f"{what}: missing {', '.join(missing[:3])} ({len(missing)} in all)")
+    return clip
 
 
 def load_vae(folder: Path):
     path = component(folder, "vae", UNET_FILES)
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path), safe_load=True))
-    vae.throw_exception_if_invalid()
+    vae = comfy.sd.VAE(sd=read_state_dict(path))
+    if vae.first_stage_model is None:  # ComfyUI's own message blames a checkpoint loader node
+        raise ValueError(f"{path} holds no VAE that ComfyUI recognises: expected the SD-1.5 VAE (AutoencoderKL) "
+                         "as in the release's vae/")
     return vae
 
 
