@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import paths
-from .api import CATEGORY, SubjectEncoderType, io
+from .api import CATEGORY, SubjectEncoderType, combo_error, io
 from .models import DTYPES, check_layout, load_clip, load_subject_encoder_patcher, load_unet, load_vae
 
 WHERE = "Folders in models/blip_diffusion with the released diffusers layout (model_index.json, qformer/, " \
@@ -35,6 +35,14 @@ class BlipDiffusionLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str | None = None, weight_dtype: str | None = None):
+        expected = ("has no model_index.json: a model folder has the released diffusers layout (model_index.json, "
+                    "qformer/, text_encoder/, tokenizer/, unet/, vae/)")
+        return (paths.listed_error("model_name", model_name, paths.model_folders(), paths.MODELS,
+                                   "BLIP-Diffusion model", expected)
+                or combo_error(cls, weight_dtype=weight_dtype) or True)
+
+    @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
         folder = paths.resolve(model_name, what="BLIP-Diffusion model")
         check_layout(folder)
@@ -59,6 +67,14 @@ class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):
             ],
             outputs=[SubjectEncoderType.Output(display_name="subject_encoder", tooltip="The BLIP-2 Q-Former subject encoder.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str | None = None, weight_dtype: str | None = None):
+        expected = (f"is neither a model folder with qformer/config.json nor a weights file "
+                    f"({', '.join(sorted(paths.WEIGHT_SUFFIXES))})")
+        return (paths.listed_error("model_name", model_name, paths.encoder_entries(), paths.MODELS,
+                                   "subject encoder", expected)
+                or combo_error(cls, weight_dtype=weight_dtype) or True)
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:

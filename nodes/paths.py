@@ -74,6 +74,24 @@ def resolve(name: str, kind: str = MODELS, what: str = "model") -> Path:
     return _inside(name, roots(kind), f"models/{kind}", what)
 
 
+def listed_error(input_name: str, name: str | None, entries: list[str], kind: str, what: str,
+                 expected: str) -> str | None:
+    """Why a loader's `name` is not one of its listed `entries`, or None (also for a linked value).
+
+    ComfyUI does not check V3 combo values, so a loader checks its own in `validate_inputs`:
+    a path, a name that is not there, or an entry that lacks what makes it listed (`expected`).
+    The message starts with the input's name: ComfyUI repeats it under every input the
+    validation function takes.
+    """
+    if name is None or name in entries:
+        return None
+    try:
+        resolve(name, kind, what)
+    except (ValueError, FileNotFoundError) as e:
+        return f"{input_name}: {e}"
+    return f"{input_name}: {what} {name!r} is in models/{kind} but {expected}"
+
+
 def escapes(name: str) -> bool:
     """Whether a user-typed relative name could point outside the folder it is joined to.
 

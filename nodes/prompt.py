@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..blip_core import average_views, build_prompt, parse_weights, splice_context
-from .api import CATEGORY, SubjectType, io
+from .api import CATEGORY, SubjectType, combo_error, io
 
 MULTI_IMAGE = ("average", "per latent")
 
@@ -91,6 +91,10 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output(tooltip="Positive conditioning for any sampler.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, multi_image: str | None = None):
+        return combo_error(cls, multi_image=multi_image) or True
 
     @classmethod
     def execute(cls, clip, subject, prompt: str, target_subject: str, prompt_strength: float, prompt_reps: int,

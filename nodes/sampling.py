@@ -10,7 +10,7 @@ import comfy.utils
 import latent_preview
 
 from ..blip_core import reference_sigmas, sample_plms
-from .api import CATEGORY, io
+from .api import CATEGORY, combo_error, io
 
 SAMPLERS = ["pndm", *comfy.samplers.KSampler.SAMPLERS]
 SCHEDULERS = ["reference", *comfy.samplers.KSampler.SCHEDULERS]
@@ -101,6 +101,10 @@ class BlipDiffusionSampler(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(tooltip="Denoised latent; decode it with VAEDecode.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None):
+        return combo_error(cls, sampler_name=sampler_name, scheduler=scheduler) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,

@@ -6,7 +6,7 @@ import hashlib
 
 from ..blip_core import Subject
 from ..blip_core.preprocess import MODES
-from .api import CATEGORY, SubjectEncoderType, SubjectType, io
+from .api import CATEGORY, SubjectEncoderType, SubjectType, combo_error, io
 
 
 def empty_subject_error(subject: str | None) -> str | None:
@@ -41,8 +41,8 @@ class BlipDiffusionSubjectEncoder(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, subject: str | None = None):
-        return empty_subject_error(subject) or True
+    def validate_inputs(cls, subject: str | None = None, preprocess: str | None = None):
+        return empty_subject_error(subject) or combo_error(cls, preprocess=preprocess) or True
 
     @classmethod
     def execute(cls, subject_encoder, image, subject: str, preprocess: str, mask=None) -> io.NodeOutput:
