@@ -114,6 +114,26 @@ def _inside(name: str, folders: list[Path], where: str, what: str) -> Path:
     raise FileNotFoundError(f"{what} {name!r} not found in {where} (searched: {searched})")
 
 
+def prefix_error(prefix: str | None) -> str | None:
+    """Why a saver's `filename_prefix` would leave the output folder, or None. (None in: the value is linked.)"""
+    if prefix is None:
+        return None
+    if escapes(prefix):
+        return (f"filename_prefix {prefix!r}: expected a name inside the output folder, optionally with "
+                "subfolders, e.g. 'blip_diffusion/subjects/cat'")
+    return None
+
+
+def output_file(prefix: str, suffix: str) -> tuple[Path, str]:
+    """The next numbered file for `prefix` in the output folder, named as ComfyUI's savers name theirs
+    (`<prefix>_00001_<suffix>`), and its subfolder there."""
+    error = prefix_error(prefix)
+    if error:
+        raise ValueError(error)
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+    return Path(folder) / f"{name}_{counter:05}_{suffix}", subfolder
+
+
 def subject_files() -> list[str]:
     """Subject files in models/blip_diffusion_subjects (with subfolders), then those in the input folder, tagged."""
     input_dir = Path(folder_paths.get_input_directory())

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-
-import folder_paths
 
 from ..blip_core import blend, load_subject, save_subject
 from . import paths
@@ -38,16 +35,6 @@ class BlipDiffusionSubjectBlend(io.ComfyNode):
         return io.NodeOutput(blend(subject_a, subject_b, ratio, category))
 
 
-def prefix_error(prefix: str | None) -> str | None:
-    """Why `filename_prefix` would leave the output folder, or None. (None in: the value is linked.)"""
-    if prefix is None:
-        return None
-    if paths.escapes(prefix):
-        return (f"filename_prefix {prefix!r}: expected a name inside the output folder, optionally with "
-                "subfolders, e.g. 'blip_diffusion/subjects/cat'")
-    return None
-
-
 class BlipDiffusionSaveSubject(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -69,19 +56,14 @@ class BlipDiffusionSaveSubject(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix: str | None = None):
-        return prefix_error(filename_prefix) or True
+        return paths.prefix_error(filename_prefix) or True
 
     @classmethod
     def execute(cls, subject, filename_prefix: str) -> io.NodeOutput:
-        error = prefix_error(filename_prefix)
-        if error:
-            raise ValueError(error)
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory())
-        file = f"{name}_{counter:05}_.safetensors"
-        save_subject(subject, os.path.join(folder, file))
+        path, subfolder = paths.output_file(filename_prefix, ".safetensors")
+        save_subject(subject, path)
         # A file locator, as SaveLatent reports its files: the /history entry names what was written.
-        return io.NodeOutput(ui={"subjects": [{"filename": file, "subfolder": subfolder, "type": "output"}]})
+        return io.NodeOutput(ui={"subjects": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]})
 
 
 class BlipDiffusionLoadSubject(io.ComfyNode):
