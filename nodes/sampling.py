@@ -69,7 +69,10 @@ def check_batches(positive, negative, batch: int) -> None:
         for cond, _ in conditioning:
             if cond.shape[0] not in (1, batch):
                 raise ValueError(f"{name}: a conditioning of batch {cond.shape[0]} cannot be paired with "
-                                 f"{batch} latents (use 1, or one per latent)")
+                                 f"{batch} latents (use 1, or one per latent). With the Multimodal Prompt's "
+                                 f"multi_image 'per latent' that means {cond.shape[0]} subject images for {batch} "
+                                 "latents: give as many images as latents (EmptyLatentImage batch_size), or "
+                                 "use 'average'")
 
 
 class BlipDiffusionSampler(io.ComfyNode):
