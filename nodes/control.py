@@ -174,6 +174,12 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str | None = None):
+        expected = "is neither a BLIP-Diffusion folder with controlnet/config.json nor a ControlNet file"
+        return paths.listed_error("model_name", model_name, paths.controlnet_entries(), paths.CONTROLNETS,
+                                  "ControlNet", expected) or True
+
+    @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
         if model_name in paths.model_folders():
             folder = paths.resolve(model_name, what="BLIP-Diffusion model")

@@ -176,7 +176,7 @@ DIFFUSERS_CONTROLNET_KEY = "controlnet_cond_embedding.conv_in.weight"
 def load_controlnet(path: Path):
     """A ComfyUI CONTROL_NET from a weights file: diffusers format (with or without a config.json
     next to it), or any single-file format ComfyUI's own loader reads."""
-    state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
+    state_dict = read_state_dict(path)
     converted = DIFFUSERS_CONTROLNET_KEY in state_dict and (path.parent / "config.json").is_file()
     if converted:
         cfg = read_config(path.parent.parent, path.parent.name)

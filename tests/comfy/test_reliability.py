@@ -62,8 +62,9 @@ _seeds = itertools.count(1000)  # a fresh seed per prompt: the sampler really ru
 
 
 def small(model: str, **kwargs) -> dict:
-    """The zero-shot graph at its cheapest: 64x64, one step."""
-    return zero_shot(model, **{"size": 64, "steps": 1, "seed": next(_seeds), "prefix": "rel", **kwargs})
+    """The zero-shot graph at its cheapest that still runs the UNet: 64x64, two steps (a single
+    reference step is the release's no-op last step, which makes no model call)."""
+    return zero_shot(model, **{"size": 64, "steps": 2, "seed": next(_seeds), "prefix": "rel", **kwargs})
 
 
 def healthy(comfy, model: str) -> None:
@@ -900,3 +901,99 @@ def test_user_named_files_go_through_the_resolvers():
                      "BlipDiffusionLoadSubject.execute", "BlipDiffusionSaveSubject.execute",
                      "BlipDiffusionControlNetLoader.execute", "BlipDiffusionHEDEdges.execute"):
         assert any(expected in use for use in uses), (expected, uses)
+
+
+# --- ControlNet ------------------------------------------------------------------------------------
+
+def controlled(model: str, control=("30", 0), batch: int = 1, start: float = 0.0, end: float = 1.0,
+               controlnet: str | None = None) -> dict:
+    """small() with a ControlNet (the tiny model's, or `controlnet` from models/controlnet) on `control`."""
+    graph = small(model, batch=batch, prefix="rel_cn")
+    graph["30"] = {"class_type": "LoadImage", "inputs": {"image": "blipd_example_cup.jpg"}}
+    graph["31"] = {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": controlnet or model}}
+    graph["32"] = {"class_type": "BlipDiffusionControlNetApply",
+                   "inputs": {"positive": ["4", 0], "negative": ["5", 0], "control_net": ["31", 0],
+                              "image": list(control), "strength": 1.0, "start_percent": start, "end_percent": end}}
+    graph["7"]["inputs"].update(positive=["32", 0], negative=["32", 1])
+    return graph
+
+
+@covers("cn-loader-dotdot")
+def test_controlnet_name_outside_its_folder(comfy, tiny_model):
+    rejected(comfy, controlled(tiny_model, controlnet="../blip_diffusion/" + tiny_model), "31", "model_name",
+             "must be a name inside models/controlnet")
+    healthy(comfy, tiny_model)
+
+
+@covers("cn-weights-pickle")
+def test_controlnet_pickle_is_never_run(comfy, comfy_base, tiny_model, tmp_path):
+    folder = comfy_base / "models" / "controlnet" / "rel-cn-pickle"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "controlnet-pickle-ran"
+    try:
+        shutil.copy(comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json", folder)
+        pickle_bomb(folder / "diffusion_pytorch_model.bin", marker)
+        failed(comfy, controlled(tiny_model, controlnet="rel-cn-pickle/diffusion_pytorch_model.bin"),
+               "BlipDiffusionControlNetLoader", "refused to load", "diffusion_pytorch_model.bin", "weights_only=True")
+    finally:
+        shutil.rmtree(folder)
+    assert not marker.exists()
+    healthy(comfy, tiny_model)
+
+
+@covers("cn-architecture-sdxl")
+def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
+    from make_tiny_model import controlnet_config, diffusers_shapes, state_dict
+
+    folder = comfy_base / "models" / "controlnet" / "rel-cn-2048"
+    folder.mkdir(parents=True)
+    try:
+        config = {**controlnet_config("tiny"), "cross_attention_dim": 2048}  # SDXL's text width
+        (folder / "config.json").write_text(json.dumps(config))
+        save_file(state_dict(diffusers_shapes(config), 2, torch.float16, "controlnet"),
+                  str(folder / "diffusion_pytorch_model.safetensors"))
+        failed(comfy, controlled(tiny_model, controlnet="rel-cn-2048/diffusion_pytorch_model.safetensors"),
+               "BlipDiffusionControlNetApply", "cross-attends to 2048-wide", "768")
+    finally:
+        shutil.rmtree(folder)
+    healthy(comfy, tiny_model)
+
+
+@covers("cn-image-batch-mismatch")
+def test_control_images_for_other_latent_count(comfy, tiny_model):
+    graph = controlled(tiny_model, control=("33", 0), batch=3)
+    graph["33"] = {"class_type": "ImageBatch", "inputs": {"image1": ["30", 0], "image2": ["30", 0]}}
+    failed(comfy, graph, "BlipDiffusionSampler", "image is a batch of 2 control images", "3 latents",
+           "give 1 control image (for all) or one per latent")
+    healthy(comfy, tiny_model)
+
+
+@covers("cn-image-gray", "cn-image-rgba")
+@pytest.mark.parametrize("mode", ["gray", "rgba"], ids=["cn-image-gray", "cn-image-rgba"])
+def test_gray_and_rgba_control_images(comfy, tiny_model, mode):
+    graph = controlled(tiny_model, control=("33", 0))
+    graph["33"] = {"class_type": "ProbeImageChannels", "inputs": {"image": ["30", 0], "mode": mode}}
+    assert comfy.image(comfy.run_ok(graph), "9").shape == (64, 64, 3)
+
+
+@covers("cn-start-after-end")
+def test_control_window_that_ends_before_it_starts(comfy, tiny_model):
+    failed(comfy, controlled(tiny_model, start=0.8, end=0.2), "BlipDiffusionControlNetApply",
+           "start_percent 0.8 is after end_percent 0.2")
+    healthy(comfy, tiny_model)
+
+
+@covers("cn-annotator-missing")
+def test_hed_annotator_without_its_file(comfy, comfy_base, tiny_model):
+    folder = comfy_base / "models" / "annotators" / "rel-empty-annotators"
+    folder.mkdir(parents=True)
+    try:
+        graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "blipd_example_cup.jpg"}},
+                 "2": {"class_type": "BlipDiffusionHEDEdges",
+                       "inputs": {"image": ["1", 0], "annotator": folder.name, "scribble": False, "safe": False,
+                                  "resolution": 128}},
+                 "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+        rejected(comfy, graph, "2", "annotator", "no ControlNetHED.pth in", str(folder))
+    finally:
+        shutil.rmtree(folder)
+    healthy(comfy, tiny_model)
