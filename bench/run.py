@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--skip-generate", action="store_true", help="only loading, subject encoding, conditioning")
+    parser.add_argument("--server-args", default="", help="extra ComfyUI flags, e.g. --use-pytorch-cross-attention")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     size, steps = args.size or (512 if gpu else 256), args.steps or (25 if gpu else 10)
@@ -190,7 +191,7 @@ def main() -> None:
     ref = ReferenceWorker()
     rows = []
     try:
-        with ComfyServer(base, cpu=not gpu) as comfy:
+        with ComfyServer(base, args.server_args.split(), cpu=not gpu) as comfy:
             pack = Pack(comfy, size, steps)
             start = time.perf_counter()
             ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")["seconds"]
@@ -198,9 +199,6 @@ def main() -> None:
             for batch in (1, 4):
                 rows.append(row(f"subject encoding, batch {batch}", *measure(
                     args.repeats, lambda: pack.encode(batch), lambda: ref("encode", batch=batch)["seconds"])))
-            if not gpu:  # the pack's CPU default is bfloat16 where the CPU has it: the same-precision row too
-                rows.append(row("subject encoding, batch 1, pack forced to fp32", *measure(
-                    args.repeats, lambda: pack.encode(1, "fp32"), lambda: ref("encode", batch=1)["seconds"])))
             rows.append(row("conditioning (prompt with the subject)", *measure(
                 args.repeats, pack.conditioning, lambda: ref("conditioning", prompt="swimming underwater")["seconds"])))
             if not args.skip_generate:
@@ -216,9 +214,15 @@ def main() -> None:
                                     f"{steps / statistics.median(ref_times):.1f} | - |")
             pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
             rows.append(f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} |")
+            if not gpu:  # the pack's CPU default is bfloat16 where the CPU has it: the same-precision row too
+                # (last: a second subject encoder in the server would count in its peak memory above)
+                rows.append(row("subject encoding, batch 1, pack forced to fp32", *measure(
+                    args.repeats, lambda: pack.encode(1, "fp32"), lambda: ref("encode", batch=1)["seconds"])))
     finally:
         ref.close()
-    print(f"\n{args.device}, {'fp16' if gpu else 'fp32'}, full-size random weights; {time.perf_counter() - start:.0f} s; "
+    precision = "fp16" if gpu else "reference fp32; pack: ComfyUI's CPU defaults, subject encoder weight_dtype auto"
+    print(f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
+          f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
           f"seconds: median (min-max) of {args.repeats} after a warm-up\n")
     print("| measurement | pack | reference | pack/reference |\n|---|---|---|---|")
     print("\n".join(rows))

@@ -78,9 +78,9 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
                 device: str | torch.device = "cpu", progress=None) -> None:
     """Give `module` (built on the meta device) the tensors of `state_dict`, cast to its dtypes.
 
-    Any missing, unexpected or mis-shaped tensor is an error naming it and `source`. Tensors
-    already of the right dtype on the CPU are used as they are: a memory-mapped file is then
-    read lazily instead of copied. `progress(done, total)` follows the conversion.
+    Any missing, unexpected or mis-shaped tensor is an error naming it and `source`. When every
+    tensor already has the right dtype on the CPU they are used as they are: a memory-mapped
+    file is then read lazily instead of copied. `progress(done, total)` follows the conversion.
     """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -94,9 +94,16 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             problems.append(f"{label}: {shown}")
     if problems:
         raise ValueError(f"{source} does not match the expected model: " + "; ".join(problems))
-    converted = {}
+    converted, kept = {}, []
     for i, (name, target) in enumerate(expected.items(), 1):
         converted[name] = state_dict[name].to(device=device, dtype=target.dtype)
+        if converted[name] is state_dict[name]:
+            kept.append(name)
         if progress is not None:
             progress(i, len(expected))
+    if len(kept) < len(converted):
+        # Some tensors were converted, so the file's pages were all read; a tensor kept as a view
+        # of the mapped file (e.g. a float32 LayerNorm) would keep every page of it resident.
+        for name in kept:
+            converted[name] = converted[name].clone()
     module.load_state_dict(converted, strict=True, assign=True)

@@ -47,8 +47,9 @@ class BlipDiffusionLoader(io.ComfyNode):
         folder = paths.resolve(model_name, what="BLIP-Diffusion model")
         check_layout(folder)
         dtype = DTYPES[weight_dtype]
-        encoder = load_subject_encoder_patcher(folder, weight_dtype)
-        return io.NodeOutput(load_unet(folder, dtype), load_clip(folder), load_vae(folder), encoder)
+        # The biggest part first: its file and its copy are both in memory while it loads.
+        unet = load_unet(folder, dtype)
+        return io.NodeOutput(unet, load_clip(folder), load_vae(folder), load_subject_encoder_patcher(folder, weight_dtype))
 
 
 class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):
