@@ -6,9 +6,11 @@ Random full-size weights in the released layout (with a ControlNet) are generate
 .cache/bench/. The pack runs as users run it: the example graph in a real ComfyUI server
 (default flags; the time is ComfyUI's own execution time of each prompt, from /history).
 The reference runs in its pinned venv as a worker process (bench/reference_worker.py).
-Measurements alternate pack / reference so both see the same machine load; each row is the
-median of --repeats runs after one warm-up, with the spread (min-max). Every pack run
-changes an input of the measured nodes, so ComfyUI's cache never skips the work.
+Measurements alternate pack / reference so both see the same machine load; each row gives the
+median wall time of --repeats runs after one warm-up with the spread (min-max), the median
+of the paired wall-time ratios, and the median ratio of the processes' CPU time (which
+waiting for a busy CPU does not inflate). Every pack run changes an input of the measured
+nodes, so ComfyUI's cache never skips the work.
 
 CPU defaults: 256x256, 10 steps, fp32. --device cuda: 512x512, 25 steps, fp16, plus it/s.
 """
@@ -25,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "bench")]
@@ -80,15 +81,18 @@ class Pack:
 
     def __init__(self, comfy, size: int, steps: int):
         self.comfy, self.size, self.steps = comfy, size, steps
+        self.server = psutil.Process(comfy.pid)
         self.variant = itertools.count()
         comfy.put_input("bench_subject.png", bench_images(1)[0])
         comfy.put_input("bench_control.png", control_image(size))
 
-    def seconds(self, prompt: dict) -> float:
-        """ComfyUI's execution time of the prompt (execution_start -> execution_success)."""
+    def seconds(self, prompt: dict) -> tuple[float, float]:
+        """ComfyUI's execution time of the prompt (execution_start -> execution_success), and the
+        server process's CPU time meanwhile."""
+        before = sum(self.server.cpu_times()[:2])
         entry = self.comfy.run_ok(prompt, timeout=7200)
         stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"]}
-        return (stamps["execution_success"] - stamps["execution_start"]) / 1000
+        return (stamps["execution_success"] - stamps["execution_start"]) / 1000, sum(self.server.cpu_times()[:2]) - before
 
     def graph(self, batch: int = 1, encoder_dtype: str = "auto") -> dict:
         """Loader -> subject -> fused prompt; `batch` copies of the subject photo."""
@@ -157,8 +161,9 @@ class Pack:
         return self.seconds(graph)
 
 
-def measure(repeats: int, pack_fn, ref_fn) -> tuple[list[float], list[float]]:
-    pack_fn(), ref_fn()  # warm-up
+def measure(repeats: int, pack_fn, ref_fn) -> tuple[list, list]:
+    """[(wall, cpu)] of each side, alternating, after one warm-up of each."""
+    pack_fn(), ref_fn()
     pack, ref = [], []
     for _ in range(repeats):
         pack.append(pack_fn())
@@ -166,10 +171,19 @@ def measure(repeats: int, pack_fn, ref_fn) -> tuple[list[float], list[float]]:
     return pack, ref
 
 
-def row(name: str, pack: list[float], ref: list[float]) -> str:
-    p, r = statistics.median(pack), statistics.median(ref)
+def reference(result: dict) -> tuple[float, float]:
+    return result["seconds"], result["cpu"]
+
+
+def row(name: str, pack: list, ref: list) -> str:
+    """Median wall times (spread), and the ratios: median of the paired wall-time ratios (alternate runs
+    share the machine's load) and of the CPU-time ratios (unaffected by waiting for the CPU)."""
+    wall = lambda xs: [x[0] for x in xs]  # noqa: E731
     spread = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"  # noqa: E731
-    return f"| {name} | {p:.2f} ({spread(pack)}) | {r:.2f} ({spread(ref)}) | {p / r:.2f} |"
+    paired = statistics.median(p[0] / r[0] for p, r in zip(pack, ref))
+    cpu = statistics.median(p[1] / r[1] for p, r in zip(pack, ref))
+    return (f"| {name} | {statistics.median(wall(pack)):.2f} ({spread(wall(pack))}) | "
+            f"{statistics.median(wall(ref)):.2f} ({spread(wall(ref))}) | {paired:.2f} | {cpu:.2f} |")
 
 
 def main() -> None:
@@ -195,36 +209,37 @@ def main() -> None:
             pack = Pack(comfy, size, steps)
             start = time.perf_counter()
             ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")["seconds"]
-            rows.append(f"| model load (all components) | {pack.load():.2f} | {ref_load:.2f} | - |")
+            rows.append(f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load:.2f} | - | - |")
             for batch in (1, 4):
                 rows.append(row(f"subject encoding, batch {batch}", *measure(
-                    args.repeats, lambda: pack.encode(batch), lambda: ref("encode", batch=batch)["seconds"])))
+                    args.repeats, lambda: pack.encode(batch), lambda: reference(ref("encode", batch=batch)))))
             rows.append(row("conditioning (prompt with the subject)", *measure(
-                args.repeats, pack.conditioning, lambda: ref("conditioning", prompt="swimming underwater")["seconds"])))
+                args.repeats, pack.conditioning, lambda: reference(ref("conditioning", prompt="swimming underwater")))))
             if not args.skip_generate:
                 seeds = itertools.count()
                 for controlnet in (False, True):
                     name = f"generation {size}x{size}, {steps} steps, CFG 7.5" + (", ControlNet" if controlnet else "")
-                    pack_times, ref_times = measure(args.repeats, lambda: pack.generate(controlnet), lambda: ref(
-                        "generate", size=size, steps=steps, controlnet=controlnet, seed=next(seeds))["seconds"])
+                    pack_times, ref_times = measure(args.repeats, lambda: pack.generate(controlnet), lambda: reference(ref(
+                        "generate", size=size, steps=steps, controlnet=controlnet, seed=next(seeds))))
                     rows.append(row(name, pack_times, ref_times))
                     if gpu:
                         rows.append(f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
-                                    f"{steps / statistics.median(pack_times):.1f} | "
-                                    f"{steps / statistics.median(ref_times):.1f} | - |")
+                                    f"{steps / statistics.median(t[0] for t in pack_times):.1f} | "
+                                    f"{steps / statistics.median(t[0] for t in ref_times):.1f} | - | - |")
             pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
-            rows.append(f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} |")
+            rows.append(f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |")
             if not gpu:  # the pack's CPU default is bfloat16 where the CPU has it: the same-precision row too
                 # (last: a second subject encoder in the server would count in its peak memory above)
                 rows.append(row("subject encoding, batch 1, pack forced to fp32", *measure(
-                    args.repeats, lambda: pack.encode(1, "fp32"), lambda: ref("encode", batch=1)["seconds"])))
+                    args.repeats, lambda: pack.encode(1, "fp32"), lambda: reference(ref("encode", batch=1)))))
     finally:
         ref.close()
     precision = "fp16" if gpu else "reference fp32; pack: ComfyUI's CPU defaults, subject encoder weight_dtype auto"
     print(f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
           f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
           f"seconds: median (min-max) of {args.repeats} after a warm-up\n")
-    print("| measurement | pack | reference | pack/reference |\n|---|---|---|---|")
+    print("| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
+          "|---|---|---|---|---|")
     print("\n".join(rows))
 
 
