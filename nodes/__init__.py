@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from . import paths
 from .api import ComfyExtension, io
 
@@ -10,6 +13,18 @@ paths.register()
 from . import control, loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
 
 
+def available_nodes() -> list[type[io.ComfyNode]]:
+    """Every node whose dependencies are installed; a missing optional one disables only its own nodes."""
+    nodes = [*loaders.NODES, *subject.NODES, *subject_tools.NODES, *prompt.NODES, *sampling.NODES, *control.NODES]
+    # find_spec, not import: controlnet-aux is slow to import and only needed when an edge node runs.
+    if importlib.util.find_spec("controlnet_aux") is None:
+        names = ", ".join(node.define_schema().display_name for node in control.EDGE_NODES)
+        logging.warning(f"BLIP-Diffusion: controlnet-aux is not installed, so these nodes are disabled: {names}. "
+                        "Install it with `pip install controlnet-aux` and restart ComfyUI; the other nodes work.")
+        nodes = [node for node in nodes if node not in control.EDGE_NODES]
+    return nodes
+
+
 class BlipDiffusionExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*loaders.NODES, *subject.NODES, *subject_tools.NODES, *prompt.NODES, *sampling.NODES, *control.NODES]
+        return available_nodes()

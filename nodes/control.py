@@ -284,4 +284,5 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
             output_type="np")))
 
 
-NODES = [BlipDiffusionControlNetLoader, BlipDiffusionControlNetApply, BlipDiffusionCannyEdges, BlipDiffusionHEDEdges]
+EDGE_NODES = [BlipDiffusionCannyEdges, BlipDiffusionHEDEdges]  # the nodes that need controlnet-aux
+NODES = [BlipDiffusionControlNetLoader, BlipDiffusionControlNetApply, *EDGE_NODES]

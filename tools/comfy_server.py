@@ -122,12 +122,22 @@ def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path
     return base
 
 
-class ComfyServer:
-    """Start ComfyUI on a free loopback port; stop it (and its children) on exit, whatever happened."""
+# main.py run with the modules named in argv[1] made unimportable, as if they were not installed.
+_HIDING_LAUNCHER = ("import runpy, sys; sys.modules.update(dict.fromkeys(sys.argv.pop(1).split(','))); "
+                    "sys.argv[0] = 'main.py'; runpy.run_path('main.py', run_name='__main__')")
 
-    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120, cpu: bool = True):
+
+class ComfyServer:
+    """Start ComfyUI on a free loopback port; stop it (and its children) on exit, whatever happened.
+
+    `hide_modules`: Python modules the server must see as not installed (to test optional dependencies).
+    """
+
+    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120, cpu: bool = True,
+                 hide_modules: list[str] = ()):
         self.base, self.extra_args, self.startup_timeout = Path(base), list(extra_args), startup_timeout
         self.device_args = ["--cpu"] if cpu else []
+        self.launcher = ["-c", _HIDING_LAUNCHER, ",".join(hide_modules)] if hide_modules else ["main.py"]
         self.proc = None
 
     def __enter__(self) -> Comfy:
@@ -138,7 +148,7 @@ class ComfyServer:
         self._log = open(log_path, "wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", *self.device_args, "--listen", "127.0.0.1", "--port", str(port),
+            [sys.executable, *self.launcher, *self.device_args, "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
              "--disable-api-nodes", *self.extra_args],
             cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)

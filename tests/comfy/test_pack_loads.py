@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import PACK_NAME, execution_error
+from comfy_server import PACK_NAME, ComfyServer, execution_error, prepare_base
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_IDS = [
@@ -40,6 +40,20 @@ def test_log_shows_no_import_failure_for_the_pack(comfy):
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_NAME in line]
     assert not failed, failed
     assert f"custom_nodes/{PACK_NAME}" in log  # it was imported at all
+
+
+def test_without_controlnet_aux_only_the_edge_nodes_are_disabled(tmp_path):
+    """A second real server that sees controlnet-aux as not installed: the pack still loads, minus the two
+    nodes that need it, and the log says which and how to fix it."""
+    with ComfyServer(prepare_base(tmp_path), hide_modules=["controlnet_aux"]) as server:
+        info = server.get_json("/object_info")
+        log = server.log.read_text(errors="replace")
+    edge_nodes = {"BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges"}
+    assert not edge_nodes & set(info)
+    assert set(NODE_IDS) - edge_nodes <= set(info)
+    assert "controlnet-aux is not installed" in log and "pip install controlnet-aux" in log
+    assert "BLIP-Diffusion Canny Edges" in log and "BLIP-Diffusion HED Edges" in log
+    assert not [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_NAME in line]
 
 
 def test_model_folder_is_listed(comfy, tiny_model):
