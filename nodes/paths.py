@@ -32,32 +32,26 @@ def roots(kind: str = MODELS) -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(kind)]
 
 
+def _folders_holding(marker: str) -> set[str]:
+    """Names of the folders directly under models/blip_diffusion (every root) that hold `marker`."""
+    return {p.relative_to(root).parts[0] for root in roots() if root.is_dir() for p in root.glob(f"*/{marker}")}
+
+
 def model_folders() -> list[str]:
     """Folders under models/blip_diffusion with a `model_index.json` (the released layout)."""
-    names = set()
-    for root in roots():
-        if root.is_dir():
-            names.update(p.parent.name for p in root.glob("*/model_index.json"))
-    return sorted(names)
+    return sorted(_folders_holding("model_index.json"))
 
 
 def encoder_entries() -> list[str]:
     """Model folders (their qformer/ is used) and single subject-encoder weight files."""
-    names = set()
-    for root in roots():
-        if root.is_dir():
-            names.update(p.parent.parent.name for p in root.glob("*/qformer/config.json"))
-            names.update(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
-    return sorted(names)
+    files = {p.name for root in roots() if root.is_dir() for p in root.iterdir()
+             if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES}
+    return sorted(_folders_holding("qformer/config.json") | files)
 
 
 def controlnet_entries() -> list[str]:
     """BLIP-Diffusion folders with a controlnet/ (the -controlnet release), then models/controlnet files."""
-    names = set()
-    for root in roots():
-        if root.is_dir():
-            names.update(p.parent.parent.name for p in root.glob("*/controlnet/config.json"))
-    return sorted(names) + folder_paths.get_filename_list(CONTROLNETS)
+    return sorted(_folders_holding("controlnet/config.json")) + folder_paths.get_filename_list(CONTROLNETS)
 
 
 def annotator_entries() -> list[str]:
