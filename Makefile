@@ -1,13 +1,17 @@
 # Developer commands. `make demo` and `make test` set up everything they need (idempotently).
 VENV ?= .venv
 REFVENV ?= .refvenv
+LINTVENV ?= .lintvenv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest -v -rs
+# The ComfyUI tree the tests run (the one `make setup` installs, or $COMFYUI_DIR); evaluated when used.
+COMFYUI_DIR = $(shell $(PY) -c "from blip_diffusion_nodes.tools.comfy_server import comfyui_dir; print(comfyui_dir())")
 
-SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt
-REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt
+SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt pyproject.toml
+REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt pyproject.toml
 
-.PHONY: setup demo test fixtures workflows ui-deps bench
+.PHONY: setup demo lint test fixtures workflows ui-deps bench
 
 setup: $(VENV)/.ready
 
@@ -17,6 +21,12 @@ $(VENV)/.ready: $(SETUP_INPUTS)
 
 $(REFVENV)/.ready: $(REF_INPUTS)
 	tools/reference/setup_env.sh $(REFVENV)
+	touch $@
+
+# ruff and comfy-cli in a venv of their own: comfy-cli brings uv, ffmpeg and telemetry clients the pack never needs.
+$(LINTVENV)/.ready: tools/lint-requirements.txt
+	[ -x $(LINTVENV)/bin/python ] || python3.11 -m venv $(LINTVENV)
+	$(LINTVENV)/bin/pip install -q --disable-pip-version-check -r tools/lint-requirements.txt
 	touch $@
 
 # Debian's Chromium and playwright-core for the browser tests (tests/ui).
@@ -31,8 +41,21 @@ tests/ui/node_modules/.ready: tests/ui/package.json tests/ui/package-lock.json
 demo: $(VENV)/.ready
 	$(PY) tools/demo.py
 
-test: $(VENV)/.ready $(REFVENV)/.ready ui-deps
-	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) -m pytest -v -rs $(PYTEST_ARGS)
+# ruff (lint, format, security rules, banned imports), the pack's own static safety checks, and the registry's
+# validation (comfy node validate), which must pass without a warning.
+lint: $(LINTVENV)/.ready $(VENV)/.ready
+	$(LINTVENV)/bin/ruff check .
+	$(LINTVENV)/bin/ruff format --check .
+	$(PY) tools/lint_safety.py
+	$(LINTVENV)/bin/comfy --skip-prompt --no-enable-telemetry node validate > $(LINTVENV)/validate.log 2>&1; \
+		status=$$?; cat $(LINTVENV)/validate.log; [ $$status -eq 0 ] && ! grep -qi "warning" $(LINTVENV)/validate.log
+
+# The test pyramid: core (fast), node helpers in-process with ComfyUI's modules, then a real ComfyUI server
+# (parity with the reference included) and a real browser.
+test: lint $(VENV)/.ready $(REFVENV)/.ready ui-deps
+	$(PYTEST) tests/unit tests/parity
+	PYTHONPATH=$(COMFYUI_DIR) $(PYTEST) tests/nodes
+	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PYTEST) tests/comfy tests/ui $(PYTEST_ARGS)
 
 # Re-run the real reference for the committed core fixtures (tests/fixtures/core_parity.npz).
 fixtures: $(VENV)/.ready $(REFVENV)/.ready

@@ -20,10 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "reference"))
-
-from run_pipeline import load_pipelines  # noqa: E402
+from blip_diffusion_nodes.tools.reference.run_pipeline import load_pipelines
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEGATIVE = "lowres, blurry, worst quality"

@@ -54,8 +54,8 @@ class SubjectEncoderConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "SubjectEncoderConfig":
         return cls(
-            vision=_dataclass_from(VisionConfig, data.get("vision_config") or {}),
-            qformer=_dataclass_from(QFormerConfig, data.get("qformer_config") or {}),
+            vision=dataclass_from(VisionConfig, data.get("vision_config") or {}),
+            qformer=dataclass_from(QFormerConfig, data.get("qformer_config") or {}),
             num_query_tokens=int(data.get("num_query_tokens", 16)),
         )
 
@@ -78,7 +78,8 @@ class SubjectEncoderConfig:
         }
 
 
-def _dataclass_from(cls, data: dict):
+def dataclass_from(cls, data: dict):
+    """An instance of the dataclass `cls` with the values of `data` it knows, each cast to its default's type."""
     known = {f.name: f.type for f in fields(cls)}
     values = {}
     for name in known:

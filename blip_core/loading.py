@@ -15,17 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
-
-
-def find_weights(folder: str | Path, names: tuple[str, ...]) -> Path:
-    """The first of `names` that exists in `folder`, else a FileNotFoundError naming them all."""
-    folder = Path(folder)
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(names)}")
+from .layout import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -36,12 +36,6 @@ def reference_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTE
     return [i * ratio + steps_offset for i in reversed(range(steps))]
 
 
-def plms_call_timesteps(steps: int, **kwargs) -> list[int]:
-    """The timesteps at which the reference calls the model, the repeated second one included."""
-    t = reference_timesteps(steps, **kwargs)
-    return t[:1] + t[1:2] + t[1:] if len(t) > 1 else t
-
-
 def sigma_from_alpha(abar: torch.Tensor) -> torch.Tensor:
     abar = abar.double()
     return ((1 - abar) / abar).sqrt()
@@ -56,6 +50,18 @@ def reference_sigmas(steps: int, final_alpha_cumprod: float | None = None, **sch
     t = reference_timesteps(steps, num_train_timesteps=abar.shape[0])
     final = abar[0] if final_alpha_cumprod is None else torch.tensor(final_alpha_cumprod)
     return sigma_from_alpha(torch.cat([abar[t], final.reshape(1)])).float()
+
+
+def starts_from_noise(sigmas: torch.Tensor) -> bool:
+    """Whether sampling on `sigmas` starts from pure noise (text-to-image) rather than a noised latent.
+
+    The reference starts text-to-image from unit-variance noise whatever its first timestep, while
+    img2img (denoise < 1) starts lower in a longer schedule. So a schedule counts as a full one when
+    it starts at least as high as the reference schedule of as many steps; ComfyUI's full schedules
+    start at sigma_max, higher still, and it too draws unit-variance noise for those.
+    """
+    steps = min(len(sigmas) - 1, NUM_TRAIN_TIMESTEPS)
+    return steps >= 1 and float(sigmas[0]) >= float(reference_sigmas(steps)[0]) * (1 - 1e-6)
 
 
 def _plms_combine(history: list[torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .subject_encoder import Subject
+from .subject import Subject
 
 
 def parse_weights(text: str, count: int) -> torch.Tensor | None:

@@ -7,7 +7,6 @@ and is spliced into the prompt by the text encoder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,12 +14,12 @@ from torch import nn
 
 from .bert_tokenizer import tokenize_subjects
 from .config import SubjectEncoderConfig
-from .loading import find_weights, load_strict, read_state_dict
+from .layout import CONFIG, QFORMER
+from .loading import load_strict, read_state_dict
 from .preprocess import preprocess as preprocess_images
 from .qformer import ProjLayer, QFormerEncoder, TextEmbeddings, text_attention_mask
+from .subject import check_category
 from .vision import VisionTransformer
-
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
 
 
 class SubjectEncoderModel(nn.Module):
@@ -45,15 +44,6 @@ class SubjectEncoderModel(nn.Module):
         return self.proj_layer(x[:, :num_queries])
 
 
-@dataclass
-class Subject:
-    """Encoded subject: context embeddings [N,16,768] (one row per view) and its category."""
-
-    embeds: torch.Tensor
-    category: str
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
 class SubjectEncoder:
     """The loaded model with its tokenizer and preprocessing; `encode` is the whole recipe."""
 
@@ -74,10 +64,7 @@ class SubjectEncoder:
         categories = [subjects] * pixels.shape[0] if isinstance(subjects, str) else list(subjects)
         if len(categories) != pixels.shape[0]:
             raise ValueError(f"{len(categories)} subject categories for {pixels.shape[0]} images")
-        for c in categories:
-            if not c.strip():
-                raise ValueError("the subject category is empty: name what the image shows, e.g. 'dog'")
-        ids, text_mask = tokenize_subjects(categories)
+        ids, text_mask = tokenize_subjects([check_category(c) for c in categories])
         param = next(self.model.parameters())
         device = device or param.device
         dtype = dtype or param.dtype
@@ -138,12 +125,11 @@ def _lavis_vision_key(key: str, value: torch.Tensor):
 
 def _resolve_qformer(path: Path) -> tuple[Path, Path]:
     """(config.json, weights) for a BLIP-Diffusion folder or its `qformer/` folder."""
-    folder = path / "qformer" if (path / "qformer").is_dir() else path
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a BLIP-Diffusion model folder: expected qformer/config.json "
-                                f"and qformer/pytorch_model.bin (or model.safetensors) inside it")
-    return config, find_weights(folder, WEIGHT_NAMES)
+    folder = path / QFORMER.folder if (path / QFORMER.folder).is_dir() else path
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{path} is not a BLIP-Diffusion model folder: expected {QFORMER.folder}/{CONFIG} "
+                                f"and {QFORMER.folder}/{QFORMER.weights[0]} (or {QFORMER.weights[1]}) inside it")
+    return folder / CONFIG, QFORMER.weights_in(folder, path.name)
 
 
 def load_subject_encoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -20,8 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .loading import load_pickle
-from .prompt import NUM_QUERY_TOKENS
-from .subject_encoder import Subject
+from .subject import Subject, check_category, check_embeds
 
 FORMAT = "blip_diffusion_subject"
 VERSION = "1"
@@ -29,17 +28,8 @@ RESERVED = ("format", "version", "category")
 WRITERS = "BLIP-Diffusion Save Subject or tools/import_lavis_subject.py"
 
 
-def _check_embeds(embeds: torch.Tensor, source) -> None:
-    if embeds.ndim != 3 or embeds.shape[1] != NUM_QUERY_TOKENS:
-        raise ValueError(f"{source}: subject embeddings must have shape [views, {NUM_QUERY_TOKENS}, width], "
-                         f"got {tuple(embeds.shape)}")
-
-
 def save_subject(subject: Subject, path: str | Path) -> None:
     """Write `subject` to `path` (format version 1)."""
-    _check_embeds(subject.embeds, "subject")
-    if not subject.category.strip():
-        raise ValueError("subject: the category is empty; a subject file needs one")
     clashes = sorted(set(subject.metadata) & set(RESERVED))
     if clashes:
         raise ValueError(f"subject: metadata keys {clashes} are reserved for the file format")
@@ -69,10 +59,8 @@ def load_subject(path: str | Path) -> Subject:
             embeds = f.get_tensor("embeds")
     except SafetensorError as e:
         raise ValueError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
-    _check_embeds(embeds, path.name)
-    category = metadata.get("category", "").strip()
-    if not category:
-        raise ValueError(f"{path.name}: the subject file has no category in its metadata")
+    check_embeds(embeds, path.name)
+    category = check_category(metadata.get("category", ""), path.name)
     extra = {k: v for k, v in metadata.items() if k not in RESERVED}
     return Subject(embeds.float(), category, extra)
 
@@ -93,7 +81,7 @@ def read_lavis_ctx_cache(path: str | Path) -> torch.Tensor:
     if not isinstance(cache, torch.Tensor):
         raise ValueError(f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
                          "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt")
-    _check_embeds(cache, path)
+    check_embeds(cache, str(path))
     if not cache.any():
         # LAVIS initialises the cache to zeros; only fine-tuning fills it.
         raise ValueError(f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject")
@@ -102,7 +90,5 @@ def read_lavis_ctx_cache(path: str | Path) -> torch.Tensor:
 
 def subject_from_lavis(path: str | Path, category: str) -> Subject:
     """A LAVIS fine-tuned subject (its cached embeddings) as a Subject named `category`."""
-    if not category.strip():
-        raise ValueError("the subject category is empty: name the fine-tuned subject, e.g. 'dog'")
-    return Subject(read_lavis_ctx_cache(path), category.strip(),
+    return Subject(read_lavis_ctx_cache(path), check_category(category, "category"),
                    {"source": "LAVIS ctx_embeddings_cache", "checkpoint": Path(path).name})

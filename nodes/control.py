@@ -10,90 +10,36 @@ center crop.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import comfy.controlnet
-import comfy.model_management as mm
-
-from ..blip_core import resize_control_image
+from ..blip_core.control import resize_control_image
+from ..blip_core.layout import CONTROLNET
 from ..blip_core.loading import load_strict, read_state_dict
-from ..blip_core.preprocess import to_rgb, to_uint8
-from . import paths
+from ..blip_core.preprocess import check_images, to_rgb, to_uint8
+from . import compat, paths
 from .api import CATEGORY, io
-from .models import UNET_FILES, component, load_controlnet
+from .models import load_controlnet
 
 HED_FILE = "ControlNetHED.pth"
 RESOLUTION_TIP = "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), " \
                  "and so is the output."
 
 
-class ReferenceHint:
-    """Mixed into a copy of a ComfyUI ControlNet: resizes the hint like the reference at sampling time.
-
-    `hint_source` is the control image as given ([B,3,H,W], 0..1). ComfyUI resizes
-    `cond_hint_original` to latent x 8 (nearest-exact, center crop) before each run; this
-    hands it an image already at that size, which ComfyUI's resize leaves unchanged.
-    """
-
-    hint_source: torch.Tensor
-
-    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-        latents, hints = x_noisy.shape[0] // batched_number, self.hint_source.shape[0]
-        if hints not in (1, latents):
-            raise ValueError(f"BlipDiffusionControlNetApply: image is a batch of {hints} control images but the "
-                             f"sampler has {latents} latents; give 1 control image (for all) or one per latent")
-        ratio = self.compression_ratio * (self.vae.spacial_compression_encode() if self.vae is not None else 1)
-        height, width = x_noisy.shape[-2] * ratio, x_noisy.shape[-1] * ratio
-        if tuple(self.cond_hint_original.shape[-2:]) != (height, width):
-            image = resize_control_image(self.hint_source.movedim(1, -1), height, width)
-            self.cond_hint_original = image.movedim(-1, 1)
-        return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
-
-    def copy(self):
-        c = super().copy()
-        c.__class__, c.hint_source = type(self), self.hint_source
-        return c
-
-    def cleanup(self):
-        self.cond_hint_original = self.hint_source  # the next run may have another output size
-        super().cleanup()
-
-
-@functools.cache
-def with_reference_hint(cls: type) -> type:
-    return type(f"ReferenceHint{cls.__name__}", (ReferenceHint, cls), {})
-
-
-def context_width(control_net) -> int | None:
-    """The text-embedding width a ControlNet cross-attends to (768 for SD-1.5, 2048 for SDXL)."""
-    model = getattr(control_net, "control_model", None)  # T2I-Adapters have none; Control-LoRAs build it later
-    if model is None:
-        return None
-    for name, param in model.named_parameters():
-        if name.endswith("attn2.to_k.weight"):
-            return param.shape[1]
-    return None
+def reference_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The control image [B,3,H,W] at the output size, resized as the reference resizes it."""
+    return resize_control_image(hint.movedim(1, -1), height, width).movedim(-1, 1)
 
 
 def check_architecture(control_net, conditionings: list) -> None:
-    width = context_width(control_net)
+    width = compat.controlnet_context_width(control_net)
     for cond, _ in conditionings:
         if width is not None and cond.shape[-1] != width:
             raise ValueError(f"BlipDiffusionControlNetApply: control_net cross-attends to {width}-wide text "
                              f"embeddings but the conditioning is {cond.shape[-1]} wide (BLIP-Diffusion and "
                              "SD-1.5: 768); load an SD-1.5 ControlNet, not one for another architecture (SDXL: 2048)")
-
-
-def attach(control_net, hint: torch.Tensor, strength: float, window: tuple[float, float], vae, previous):
-    net = control_net.copy().set_cond_hint(hint, strength, window, vae=vae)
-    if isinstance(net, comfy.controlnet.ControlNet):  # T2I-Adapters keep ComfyUI's own hint scaling
-        net.__class__ = with_reference_hint(type(net))
-        net.hint_source = hint
-    return net.set_previous_controlnet(previous)
 
 
 class BlipDiffusionControlNetApply(io.ComfyNode):
@@ -149,7 +95,9 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
             for cond, extra in conditioning:
                 previous = extra.get("control")
                 if previous not in attached:
-                    attached[previous] = attach(control_net, hint, strength, (start_percent, end_percent), vae, previous)
+                    attached[previous] = compat.attach_controlnet(control_net, hint, strength,
+                                                                  (start_percent, end_percent), vae, previous,
+                                                                  reference_hint)
                 out.append([cond, {**extra, "control": attached[previous], "control_apply_to_uncond": False}])
             outputs.append(out)
         return io.NodeOutput(*outputs)
@@ -175,22 +123,23 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str | None = None):
+        if model_name is None or paths.release_with_controlnet(model_name) is not None:
+            return True
         expected = "is neither a BLIP-Diffusion folder with controlnet/config.json nor a ControlNet file"
-        return paths.listed_error("model_name", model_name, paths.controlnet_entries(), paths.CONTROLNETS,
-                                  "ControlNet", expected) or True
+        return paths.entry_error("model_name", model_name, paths.CONTROLNETS, "ControlNet", paths.is_weights_file,
+                                 expected) or True
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        if model_name in paths.model_folders():
-            folder = paths.resolve(model_name, what="BLIP-Diffusion model")
-            return io.NodeOutput(load_controlnet(component(folder, "controlnet", UNET_FILES)))
+        release = paths.release_with_controlnet(model_name)
+        if release is not None:
+            return io.NodeOutput(load_controlnet(CONTROLNET.weights_file(release)))
         return io.NodeOutput(load_controlnet(paths.resolve(model_name, paths.CONTROLNETS, what="ControlNet")))
 
 
 def detect_each(images: torch.Tensor, detect) -> torch.Tensor:
     """Run a controlnet-aux detector (uint8 HxWxC -> uint8 HxWx3) on every image of a batch."""
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"image: expected a non-empty image batch [B,H,W,C], got shape {tuple(images.shape)}")
+    check_images(images)
     maps = np.stack([detect(pixels) for pixels in to_uint8(images)])
     return torch.from_numpy(maps.astype(np.float32) / 255.0)
 
@@ -242,7 +191,7 @@ def load_hed(path: Path):
 
     network = ControlNetHED_Apache2()
     load_strict(network, read_state_dict(path), path)
-    return HEDdetector(network.float().eval().to(mm.get_torch_device()))
+    return HEDdetector(network.float().eval().to(compat.torch_device()))
 
 
 class BlipDiffusionHEDEdges(io.ComfyNode):

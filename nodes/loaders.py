@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from ..blip_core.layout import CONFIG, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES, check_model_folder
 from . import paths
 from .api import CATEGORY, SubjectEncoderType, combo_error, io
-from .models import DTYPES, check_layout, load_clip, load_subject_encoder_patcher, load_unet, load_vae
+from .models import load_clip, load_unet, load_vae
+from .subject import DTYPES, load_encoder
 
 WHERE = "Folders in models/blip_diffusion with the released diffusers layout (model_index.json, qformer/, " \
         "text_encoder/, tokenizer/, unet/, vae/), e.g. a download of Salesforce/blipdiffusion."
 DTYPE_TIP = ("Weight precision. auto: ComfyUI's precision flags if given; otherwise the UNet, CLIP and VAE as "
              "ComfyUI chooses, and the subject encoder in half precision on a GPU, in bfloat16 on a CPU that "
              "computes it natively (AVX512-BF16/AMX), else float32.")
+
+
+def is_model_folder(path) -> bool:
+    return (path / MODEL_INDEX).is_file()
+
+
+def is_encoder_entry(path) -> bool:
+    return (path / QFORMER.folder / CONFIG).is_file() or paths.is_weights_file(path)
 
 
 class BlipDiffusionLoader(io.ComfyNode):
@@ -38,18 +48,17 @@ class BlipDiffusionLoader(io.ComfyNode):
     def validate_inputs(cls, model_name: str | None = None, weight_dtype: str | None = None):
         expected = ("has no model_index.json: a model folder has the released diffusers layout (model_index.json, "
                     "qformer/, text_encoder/, tokenizer/, unet/, vae/)")
-        return (paths.listed_error("model_name", model_name, paths.model_folders(), paths.MODELS,
-                                   "BLIP-Diffusion model", expected)
-                or combo_error(cls, weight_dtype=weight_dtype) or True)
+        return (paths.entry_error("model_name", model_name, paths.MODELS, "BLIP-Diffusion model", is_model_folder,
+                                  expected)
+                or combo_error("weight_dtype", weight_dtype, list(DTYPES)) or True)
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
         folder = paths.resolve(model_name, what="BLIP-Diffusion model")
-        check_layout(folder)
-        dtype = DTYPES[weight_dtype]
+        check_model_folder(folder)
         # The biggest part first: its file and its copy are both in memory while it loads.
-        unet = load_unet(folder, dtype)
-        return io.NodeOutput(unet, load_clip(folder), load_vae(folder), load_subject_encoder_patcher(folder, weight_dtype))
+        unet = load_unet(folder, DTYPES[weight_dtype])
+        return io.NodeOutput(unet, load_clip(folder), load_vae(folder), load_encoder(folder, weight_dtype))
 
 
 class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):
@@ -72,15 +81,14 @@ class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model_name: str | None = None, weight_dtype: str | None = None):
         expected = (f"is neither a model folder with qformer/config.json nor a weights file "
-                    f"({', '.join(sorted(paths.WEIGHT_SUFFIXES))})")
-        return (paths.listed_error("model_name", model_name, paths.encoder_entries(), paths.MODELS,
-                                   "subject encoder", expected)
-                or combo_error(cls, weight_dtype=weight_dtype) or True)
+                    f"({', '.join(sorted(WEIGHT_SUFFIXES))})")
+        return (paths.entry_error("model_name", model_name, paths.MODELS, "subject encoder", is_encoder_entry, expected)
+                or combo_error("weight_dtype", weight_dtype, list(DTYPES)) or True)
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
         path = paths.resolve(model_name, what="subject encoder")
-        return io.NodeOutput(load_subject_encoder_patcher(path, weight_dtype))
+        return io.NodeOutput(load_encoder(path, weight_dtype))
 
 
 NODES = [BlipDiffusionLoader, BlipDiffusionSubjectEncoderLoader]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..blip_core import average_views, build_prompt, parse_weights, splice_context
+from ..blip_core.prompt import build_prompt, splice_context
+from ..blip_core.subject_blend import average_views, parse_weights
+from . import compat
 from .api import CATEGORY, SubjectType, combo_error, io
 
 MULTI_IMAGE = ("average", "per latent")
@@ -27,13 +29,13 @@ def _text_entries(chunks: list[list[tuple]], eos) -> list[tuple]:
     return entries
 
 
-def fused_tokens(clip, text: str, context: torch.Tensor) -> dict:
-    """ComfyUI tokens of one chunk: BOS, "a", the context rows, the rest of the text, EOS, padding."""
-    empty = clip.tokenize("")["l"][0]
+def fused_tokens(clip, text: str, context: torch.Tensor) -> list[list[tuple]]:
+    """CLIP-L tokens of one chunk: BOS, "a", the context rows, the rest of the text, EOS, padding."""
+    empty = compat.clip_l_tokens(clip, "")[0]
     bos, eos, pad = empty[0][0], empty[1][0], empty[-1][0]
-    entries = _text_entries(clip.tokenize(text)["l"], eos)
+    entries = _text_entries(compat.clip_l_tokens(clip, text), eos)
     ctx = [(row, 1.0) for row in context]
-    return {"l": [splice_context(entries, ctx, (bos, 1.0), (eos, 1.0), (pad, 1.0))]}
+    return [splice_context(entries, ctx, (bos, 1.0), (eos, 1.0), (pad, 1.0))]
 
 
 def _merge_batch(conditionings: list[list]) -> list:
@@ -50,14 +52,14 @@ def _merge_batch(conditionings: list[list]) -> list:
 
 def encode_fused(clip, text: str, embeds: torch.Tensor) -> list:
     """CONDITIONING with one batch row per row of `embeds` [N,16,D]."""
-    encoders = sorted(clip.tokenize(""))
+    encoders = compat.clip_encoders(clip)
     if encoders != ["l"]:
         raise ValueError(f"clip: BLIP-Diffusion needs an SD-1.5 CLIP (CLIP-L only); this CLIP has encoders {encoders}")
-    width = clip.tokenizer.clip_l.embedding_size
+    width = compat.clip_l_width(clip)
     if embeds.shape[-1] != width:
         raise ValueError(f"subject: its embeddings are {embeds.shape[-1]} wide but this CLIP's tokens are {width} "
                          "wide; use the CLIP of the same BLIP-Diffusion model")
-    return _merge_batch([clip.encode_from_tokens_scheduled(fused_tokens(clip, text, row)) for row in embeds])
+    return _merge_batch([compat.encode_clip_l_tokens(clip, fused_tokens(clip, text, row)) for row in embeds])
 
 
 class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
@@ -94,7 +96,7 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, multi_image: str | None = None):
-        return combo_error(cls, multi_image=multi_image) or True
+        return combo_error("multi_image", multi_image, MULTI_IMAGE) or True
 
     @classmethod
     def execute(cls, clip, subject, prompt: str, target_subject: str, prompt_strength: float, prompt_reps: int,

@@ -4,43 +4,31 @@ from __future__ import annotations
 
 import torch
 
-import comfy.ldm.modules.attention as attention
-import comfy.model_management as mm
-import comfy.sample
-import comfy.samplers
-import comfy.utils
-import latent_preview
-from comfy.cli_args import args
-
-from ..blip_core import reference_sigmas, sample_plms
+from ..blip_core.sampling import reference_sigmas, sample_plms, starts_from_noise
+from . import compat
 from .api import CATEGORY, combo_error, io
 
-SAMPLERS = ["pndm", *comfy.samplers.KSampler.SAMPLERS]
-SCHEDULERS = ["reference", *comfy.samplers.KSampler.SCHEDULERS]
+SAMPLERS = ["pndm", *compat.sampler_names()]
+SCHEDULERS = ["reference", *compat.scheduler_names()]
 
 
-class ReferencePLMS(comfy.samplers.Sampler):
+class ReferencePLMS(compat.Sampler):
     """diffusers' PNDMScheduler (PLMS mode) as a ComfyUI SAMPLER.
 
-    Starting from an empty latent it draws the initial sample as the reference does,
-    unit-variance noise in VP form (x = noise * sqrt(1 + sigma^2)), and it returns the VP
-    sample at the last sigma, which is what the reference decodes. On the CPU it prefers
-    PyTorch's attention kernel to ComfyUI's fallback (see prefer_pytorch_attention).
+    On a full schedule (blip_core.sampling.starts_from_noise) it draws the initial sample as
+    the reference does, unit-variance noise in VP form (x = noise * sqrt(1 + sigma^2)); on a
+    partial one (img2img) it noises the latent to the first sigma as ComfyUI does. It returns
+    the VP sample at the last sigma, which is what the reference decodes. On the CPU it
+    prefers PyTorch's attention kernel to ComfyUI's fallback (compat.prefer_pytorch_attention).
     """
-
-    def __init__(self, full_denoise: bool | None = None):
-        self.full_denoise = full_denoise  # None: decide by whether the latent is empty
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
+        compat.check_reference_schedule(model_wrap, "the BLIP-Diffusion pndm sampler")
         extra_args["denoise_mask"] = denoise_mask
-        prefer_pytorch_attention(extra_args["model_options"], noise.device)  # this run's copy of the options
-        model = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model.latent_image, model.noise = latent_image, noise
-        full = self.full_denoise
-        if full is None:
-            full = latent_image is None or torch.count_nonzero(latent_image) == 0
-        start = (1 + sigmas[0] ** 2).sqrt() if full else sigmas[0]
+        compat.prefer_pytorch_attention(extra_args["model_options"], noise.device)  # this run's copy of the options
+        model = compat.reference_model_call(model_wrap, sigmas, latent_image, noise)
+        start = (1 + sigmas[0] ** 2).sqrt() if starts_from_noise(sigmas) else sigmas[0]
         x = noise * start + (latent_image if latent_image is not None else 0)
         ones = x.new_ones([x.shape[0]])
 
@@ -65,21 +53,8 @@ def sampler_sigmas(model, sampler_name: str, scheduler: str, steps: int, denoise
         if sampler_name != "pndm":  # ComfyUI's samplers end on sigma 0, the clean image
             sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
     else:
-        sigmas = comfy.samplers.KSampler(model, steps=total, device="cpu", sampler=sampler_name, scheduler=scheduler).sigmas
+        sigmas = compat.scheduler_sigmas(model, sampler_name, scheduler, total)
     return sigmas[-(steps + 1):]
-
-
-def _pytorch_attention(func, *args, **kwargs):
-    return attention.attention_pytorch(*args, **kwargs)
-
-
-def prefer_pytorch_attention(model_options: dict, device: torch.device) -> None:
-    """Use PyTorch's scaled-dot-product attention where ComfyUI fell back to its chunked sub-quadratic
-    attention on the CPU (no attention flag given): there PyTorch's kernel is memory-efficient too,
-    and a whole image is about 5 % faster (bench/run.py)."""
-    fallback = attention.optimized_attention is attention.attention_sub_quad and not args.use_quad_cross_attention
-    if fallback and mm.is_device_cpu(device):
-        model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _pytorch_attention
 
 
 def check_batches(positive, negative, batch: int) -> None:
@@ -125,23 +100,19 @@ class BlipDiffusionSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None):
-        return combo_error(cls, sampler_name=sampler_name, scheduler=scheduler) or True
+        return (combo_error("sampler_name", sampler_name, SAMPLERS) or combo_error("scheduler", scheduler, SCHEDULERS)
+                or True)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, denoise: float) -> io.NodeOutput:
-        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        latent = compat.fix_empty_latent_channels(model, latent_image["samples"])
         check_batches(positive, negative, latent.shape[0])
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        noise = compat.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = sampler_sigmas(model, sampler_name, scheduler, steps, denoise)
-        if sampler_name == "pndm":
-            sampler = ReferencePLMS(full_denoise=denoise >= 0.9999)
-        else:
-            sampler = comfy.samplers.sampler_object(sampler_name)
-        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                             noise_mask=latent_image.get("noise_mask"), callback=callback,
-                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        sampler = ReferencePLMS() if sampler_name == "pndm" else compat.sampler(sampler_name)
+        samples = compat.sample(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                latent_image.get("noise_mask"), seed)
         out = latent_image.copy()
         out["samples"] = samples
         return io.NodeOutput(out)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from ..blip_core import blend, load_subject, save_subject
+from ..blip_core.subject_blend import blend
+from ..blip_core.subject_file import load_subject, save_subject
 from . import paths
 from .api import CATEGORY, SubjectType, io
 

@@ -9,20 +9,16 @@ tests compare with the float32 reference.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from blip_diffusion_nodes.tools.comfy_server import Comfy, ComfyServer, prepare_base
+from blip_diffusion_nodes.tools.make_tiny_model import make_hed_annotator, make_model, weights_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(Path(__file__).parent))  # tests/graphs.py
-
-from comfy_server import Comfy, ComfyServer, prepare_base  # noqa: E402
-from make_tiny_model import make_hed_annotator, make_model, weights_digest  # noqa: E402
 
 TINY = "blipdiffusion"  # models/blip_diffusion/blipdiffusion (with controlnet/), as the workflows name it
 ANNOTATOR = "Annotators"  # models/annotators/Annotators/ControlNetHED.pth, as the workflows name it
@@ -97,7 +93,9 @@ def example_subject(comfy_base, tiny_model) -> str:
     import torch
     from PIL import Image
 
-    from blip_core import Subject, load_subject_encoder, save_subject
+    from blip_diffusion_nodes.blip_core.subject import Subject
+    from blip_diffusion_nodes.blip_core.subject_encoder import load_subject_encoder
+    from blip_diffusion_nodes.blip_core.subject_file import save_subject
 
     pixels = np.asarray(Image.open(ROOT / "workflows" / "images" / "blipd_example_cat.jpg").convert("RGB"))
     image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]  # as LoadImage makes it

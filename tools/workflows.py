@@ -12,15 +12,12 @@ that the layout fits the front end's node sizes.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
 # LiteGraph's geometry (front end 1.32): a node's body (title bar excluded) is one 20 px row per input/output
 # socket pair, 24 px per widget and 14 px of padding (10 more here, for air). The browser test checks that
 # every node is at least the front end's own minimum size and that no two nodes overlap.
@@ -31,17 +28,6 @@ IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
 NODE_WIDTH, WIDE_NODE_WIDTH = 320, 400  # nodes with a text box get the front end's default width for them
 TITLE_CHAR_WIDTH = 7.6  # the front end widens a node to its title: ~7.3 px a character in its default font
 COLUMN_BUDGET, COLUMN_GAP, ROW_GAP = 900, 50, 30  # px; ROW_GAP is free space between a node and the next title
-
-
-def shrink(prompt: dict, size: int = 128, steps: int = 3) -> dict:
-    """The same graph at a CPU-friendly size: smaller images and fewer sampler steps."""
-    prompt = json.loads(json.dumps(prompt))
-    for node in prompt.values():
-        for key in SIZE_INPUTS.get(node["class_type"], ()):
-            node["inputs"][key] = size
-        if "steps" in node["inputs"]:
-            node["inputs"]["steps"] = steps
-    return prompt
 
 
 def is_widget(spec: list) -> bool:
@@ -180,7 +166,7 @@ def write_ui_workflows(object_info: dict) -> list[Path]:
 
 
 def main() -> None:
-    from comfy_server import ComfyServer, prepare_base
+    from blip_diffusion_nodes.tools.comfy_server import ComfyServer, prepare_base
 
     with tempfile.TemporaryDirectory() as tmp:
         with ComfyServer(prepare_base(Path(tmp))) as comfy:

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from comfy_server import execution_error
-from make_tiny_model import controlnet_config, diffusers_shapes, state_dict
+from blip_diffusion_nodes.tests.graphs import Graph, edges, previewed, probe, shrink, twin, zero_shot
+from blip_diffusion_nodes.tools.comfy_server import execution_error
+from blip_diffusion_nodes.tools.make_tiny_model import controlnet_config, diffusers_shapes, state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT, STEPS, SEED, CFG = 96, 64, 3, 7, 7.5
@@ -60,49 +61,28 @@ def apply(image, strength=1.0, start=0.0, end=1.0, control_net=("cn", 0), node="
 
 
 def generation(model: str, controls=(), control_image: str | None = None, controlnet: str | None = None,
-               batch: int = 1, steps: int = STEPS, prefix: str = "t_cn", residuals: str | None = None) -> dict:
+               batch: int = 1, steps: int = STEPS, prefix: str = "t_cn", residuals: str | None = None) -> Graph:
     """The stylization graph: subject -> fused prompt, negative, ControlNet applies in a chain, sampler, decode.
 
     `controls` are apply() node specs wired in order: their positive/negative inputs are replaced
     by the previous stage; an image of None means the LoadImage of `control_image`.
     """
-    g = {
-        "1": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": model, "weight_dtype": "auto"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": SUBJECT}},
-        "3": {"class_type": "BlipDiffusionSubjectEncoder",
-              "inputs": {"subject_encoder": ["1", 3], "image": ["2", 0], "subject": CATEGORY, "preprocess": "squash"}},
-        "4": {"class_type": "BlipDiffusionMultimodalPromptFuse",
-              "inputs": {"clip": ["1", 1], "subject": ["3", 0], "prompt": PROMPT, "target_subject": TARGET,
-                         "prompt_strength": 1.0, "prompt_reps": 20, "multi_image": "average"}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": batch}},
-        "cn": {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": controlnet or model}},
-    }
+    g = zero_shot(model, image=SUBJECT, subject=CATEGORY, prompt=PROMPT, target=TARGET, negative=NEGATIVE,
+                  size=WIDTH, height=HEIGHT, steps=steps, seed=SEED, cfg=CFG, batch=batch, prefix=prefix)
+    if controls:
+        g.add("BlipDiffusionControlNetLoader", "cn", model_name=controlnet or model)
     if control_image is not None:
-        g["ci"] = {"class_type": "LoadImage", "inputs": {"image": control_image}}
+        g.add("LoadImage", "ci", image=control_image)
     positive, negative = ["4", 0], ["5", 0]
     for i, spec in enumerate(controls):
-        node = json.loads(json.dumps(spec))
-        node["inputs"].update(positive=positive, negative=negative)
-        if node["inputs"]["image"] == [None, 0]:
-            node["inputs"]["image"] = ["ci", 0]
-        g[f"a{i}"] = node
+        inputs = json.loads(json.dumps(spec["inputs"]))
+        if inputs["image"] == [None, 0]:
+            inputs["image"] = ["ci", 0]
+        g.add(spec["class_type"], f"a{i}", **inputs, positive=positive, negative=negative)
         positive, negative = [f"a{i}", 0], [f"a{i}", 1]
-    model_out = ["1", 0]
+    g["7"]["inputs"].update(positive=positive, negative=negative)
     if residuals:
-        g["r"] = {"class_type": "ProbeControlResiduals", "inputs": {"model": ["1", 0], "name": residuals}}
-        model_out = ["r", 0]
-    g.update({
-        "7": {"class_type": "BlipDiffusionSampler",
-              "inputs": {"model": model_out, "positive": positive, "negative": negative, "latent_image": ["6", 0],
-                         "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "pndm", "scheduler": "reference",
-                         "denoise": 1.0}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
-    })
-    # unused loaders would still run and fail on a model without controlnet/
-    if not any(n["inputs"].get("control_net") == ["cn", 0] for n in g.values()):
-        del g["cn"]
+        g["7"]["inputs"]["model"] = g.add("ProbeControlResiduals", "r", model=["1", 0], name=residuals)
     return g
 
 
@@ -239,25 +219,24 @@ def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_i
 # --- strength, windows, chains ------------------------------------------------------------------
 
 def test_strength_zero_is_the_zero_shot_output(comfy, tiny_model, control_image):
-    zero_shot = run_images(comfy, generation(tiny_model))
+    uncontrolled = run_images(comfy, generation(tiny_model))
     assert np.array_equal(run_images(comfy, generation(tiny_model, [apply(LOADED, strength=0.0)], control_image)),
-                          zero_shot)
+                          uncontrolled)
     controlled = run_images(comfy, generation(tiny_model, [apply(LOADED)], control_image))
-    assert np.abs(controlled - zero_shot).mean() > 1.0  # the ControlNet does act
+    assert np.abs(controlled - uncontrolled).mean() > 1.0  # the ControlNet does act
 
 
 def test_window_outside_the_schedule_is_no_control(comfy, tiny_model, control_image):
     """start_percent 0.9: the 3-step schedule's calls all lie before it (t = 666, 333, 333 > t(0.9) = 100)."""
-    zero_shot = run_images(comfy, generation(tiny_model))
+    uncontrolled = run_images(comfy, generation(tiny_model))
     late = run_images(comfy, generation(tiny_model, [apply(LOADED, start=0.9)], control_image))
-    assert np.array_equal(late, zero_shot)
+    assert np.array_equal(late, uncontrolled)
 
 
-def probe_chain(comfy, graph: dict, name: str):
+def probe_chain(comfy, graph: Graph, name: str):
     last = max(k for k in graph if k.startswith("a"))
-    probe = {"p": {"class_type": "ProbeSaveTensors", "inputs": {"name": name, "conditioning": [last, 0]}}}
-    keep = {k: v for k, v in graph.items() if k not in ("7", "8", "9")}
-    comfy.run_ok({**keep, **probe})
+    keep = Graph({k: v for k, v in graph.items() if k not in ("7", "8", "9")})
+    comfy.run_ok(probe(keep, "p", name, conditioning=[last, 0]))
     return comfy.probe(name)
 
 
@@ -287,11 +266,10 @@ def test_chain_after_stock_apply_and_with_itself(comfy, tiny_model, control_imag
 
 # --- hint images: batch, channels --------------------------------------------------------------
 
-def batch_of_two(graph: dict) -> dict:
+def batch_of_two(graph: Graph) -> Graph:
     """The control image and its inverse as a batch of 2."""
-    graph["inv"] = {"class_type": "ImageInvert", "inputs": {"image": ["ci", 0]}}
-    graph["two"] = {"class_type": "ImageBatch", "inputs": {"image1": ["ci", 0], "image2": ["inv", 0]}}
-    graph["a0"]["inputs"]["image"] = ["two", 0]
+    inverse = graph.add("ImageInvert", "inv", image=["ci", 0])
+    graph["a0"]["inputs"]["image"] = graph.add("ImageBatch", "two", image1=["ci", 0], image2=inverse)
     return graph
 
 
@@ -314,8 +292,7 @@ def test_one_control_image_per_latent(comfy, tiny_model, control_image):
 def test_gray_and_rgba_control_images(comfy, tiny_model, control_image, mode):
     """Documented: gray is repeated to RGB, alpha is dropped (the reference's convert("RGB"))."""
     graph = generation(tiny_model, [apply(LOADED)], control_image)
-    graph["ch"] = {"class_type": "ProbeImageChannels", "inputs": {"image": ["ci", 0], "mode": mode}}
-    graph["a0"]["inputs"]["image"] = ["ch", 0]
+    graph["a0"]["inputs"]["image"] = graph.add("ProbeImageChannels", "ch", image=["ci", 0], mode=mode)
     tensors, _ = probe_chain(comfy, graph, f"cn_{mode}")
     pixels = torch.from_numpy(control_pixels(70, 100)).float().div(255).movedim(-1, 0)[None]
     expected = pixels[:, :1].expand(-1, 3, -1, -1) if mode == "gray" else pixels
@@ -358,14 +335,15 @@ def test_loader_formats_give_the_same_controlnet(comfy, comfy_base, tiny_model, 
     shutil.copy(release / "controlnet" / "config.json", as_bin / "controlnet" / "config.json")
     tensors = load_file(str(release / "controlnet" / "diffusion_pytorch_model.safetensors"))
     torch.save(tensors, as_bin / "controlnet" / "diffusion_pytorch_model.bin")
-    comfy.run_ok({"l": {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": tiny_model}},
-                  "s": {"class_type": "ProbeSaveControlNet", "inputs": {"control_net": ["l", 0],
-                                                                        "filename": "blipd_cn_ldm.safetensors"}}})
+    saved = Graph()
+    saved.add("ProbeSaveControlNet", control_net=saved.add("BlipDiffusionControlNetLoader", model_name=tiny_model),
+              filename="blipd_cn_ldm.safetensors")
+    comfy.run_ok(saved)
 
     def image(controlnet, loader="BlipDiffusionControlNetLoader"):
         graph = generation(tiny_model, [apply(LOADED)], control_image_at_size, controlnet=controlnet, steps=2)
         if loader != "BlipDiffusionControlNetLoader":
-            graph["cn"] = {"class_type": loader, "inputs": {"control_net_name": controlnet}}
+            graph.add(loader, "cn", control_net_name=controlnet)
         return run_images(comfy, graph)
 
     expected = image(tiny_model)
@@ -380,8 +358,7 @@ def test_release_folder_without_controlnet_weights(comfy, comfy_base, tiny_model
     (folder / "model_index.json").write_text("{}")
     shutil.copy(comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json",
                 folder / "controlnet" / "config.json")
-    entry = comfy.run({"l": {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": "blipd_cn_missing"}},
-                       "p": {"class_type": "PreviewAny", "inputs": {"source": ["l", 0]}}})
+    entry = comfy.run(previewed("BlipDiffusionControlNetLoader", model_name="blipd_cn_missing"))
     error = execution_error(entry)
     assert error and error["node_type"] == "BlipDiffusionControlNetLoader"
     assert "controlnet/" in error["exception_message"] and "diffusion_pytorch_model" in error["exception_message"]
@@ -390,12 +367,7 @@ def test_release_folder_without_controlnet_weights(comfy, comfy_base, tiny_model
 # --- preprocessors -----------------------------------------------------------------------------
 
 def run_preprocessor(comfy, node: str, **inputs) -> np.ndarray:
-    entry = comfy.run_ok({
-        "1": {"class_type": "LoadImage", "inputs": {"image": SOURCE_PHOTO}},
-        "2": {"class_type": node, "inputs": {"image": ["1", 0], **inputs}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"t_{node}"}},
-    })
-    return comfy.image(entry, "3")
+    return comfy.image(comfy.run_ok(edges(node, SOURCE_PHOTO, prefix=f"t_{node}", **inputs)), "3")
 
 
 def photo(comfy) -> np.ndarray:
@@ -431,12 +403,8 @@ def test_hed_is_controlnet_aux_hed_with_local_weights(comfy, hed_annotator, scri
 def test_hed_without_annotator_file_names_file_and_folder(comfy, comfy_base):
     (comfy_base / "models" / "annotators" / "no_weights").mkdir(parents=True, exist_ok=True)
     for name, expected in (("no_weights", "ControlNetHED.pth"), ("nowhere", "not found"), ("../input", "not a path")):
-        status, body = comfy.submit({
-            "1": {"class_type": "LoadImage", "inputs": {"image": SOURCE_PHOTO}},
-            "2": {"class_type": "BlipDiffusionHEDEdges", "inputs": {"image": ["1", 0], "annotator": name,
-                                                                    "scribble": False, "safe": False, "resolution": 128}},
-            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
-        })
+        status, body = comfy.submit(edges("BlipDiffusionHEDEdges", SOURCE_PHOTO, annotator=name, scribble=False,
+                                          safe=False, resolution=128))
         assert status == 400, body
         message = json.dumps(body["node_errors"])
         assert expected in message and "annotators" in message, message
@@ -449,15 +417,10 @@ def test_hed_without_annotator_file_names_file_and_folder(comfy, comfy_base):
 @pytest.mark.parametrize("name", ["controlnet_canny_stylization", "controlnet_scribble", "controlnet_multi"])
 def test_workflow_runs(comfy, name):
     """The API twin as shipped, made small for the CPU (64x64, 2 steps, preprocessors at 128)."""
-    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    prompt = shrink(twin(name), size=64, steps=2)
     for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif node["class_type"] == "BlipDiffusionSampler":
-            inputs.update(steps=2)
-        elif node["class_type"] in ("BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges"):
-            inputs.update(resolution=128)
+        if node["class_type"] in ("BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges"):
+            node["inputs"].update(resolution=128)
     entry = comfy.run_ok(prompt)
     save = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
     assert comfy.image(entry, save).shape == (64, 64, 3)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from graphs import probe, zero_shot
-from make_tiny_model import make_model
+from blip_diffusion_nodes.tests.graphs import probe, zero_shot
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,4 @@ def test_full_size_bin_folder_loads_and_generates(comfy, full_model):
     entry = comfy.run_ok(graph, timeout=1200)
     tensors, _ = comfy.probe("full_subject")
     assert tensors["subject"].shape == (1, 16, 768) and tensors["cond0"].shape == (1, 77, 768)
-    assert comfy.image(entry, "9").shape == (64, 64, 3)
-    log = comfy.log.read_text()
-    assert "unet missing" not in log and "unet unexpected" not in log
+    assert comfy.image(entry, "9").shape == (64, 64, 3)  # the loader refuses missing or unexpected UNet tensors

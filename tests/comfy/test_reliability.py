@@ -11,7 +11,6 @@ HTTP 400 cases (those never reach the executor), the next valid prompt must succ
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import itertools
 import json
@@ -36,8 +35,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfy_server import execution_error
-from graphs import probe, zero_shot
+from blip_diffusion_nodes.tools.comfy_server import execution_error
+from blip_diffusion_nodes.tools.lint_safety import CHECKS as LINT_CHECKS
+from blip_diffusion_nodes.tests.graphs import Graph, SubjectGraph, edges, loaded_subject, previewed, probe, zero_shot
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
@@ -96,11 +96,6 @@ def failed(comfy, prompt: dict, node_type: str, *expected: str) -> str:
     return message
 
 
-def loader_graph(model_name: str, node: str = "BlipDiffusionLoader") -> dict:
-    return {"1": {"class_type": node, "inputs": {"model_name": model_name, "weight_dtype": "auto"}},
-            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
-
-
 # --- the matrix doc ------------------------------------------------------------------------------
 
 def doc_ids() -> list[str]:
@@ -108,10 +103,12 @@ def doc_ids() -> list[str]:
 
 
 def test_matrix_doc_lists_exactly_the_tested_rows():
+    """Rows are covered by the tests here, or by the static checks `make lint` runs (tools/lint_safety.py)."""
     ids = doc_ids()
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
-    assert set(ids) == COVERED, {"in the doc, not tested": sorted(set(ids) - COVERED),
-                                 "tested, not in the doc": sorted(COVERED - set(ids))}
+    covered = COVERED | set(LINT_CHECKS)
+    assert set(ids) == covered, {"in the doc, not tested": sorted(set(ids) - covered),
+                                 "tested, not in the doc": sorted(covered - set(ids))}
     assert len(ids) >= 25
 
 
@@ -180,7 +177,7 @@ def bad_json(dst: Path, tiny: Path, marker: Path) -> None:
 
 def sd2_unet(dst: Path, tiny: Path, marker: Path) -> None:
     """An SD-2-shaped UNet (1024-wide cross-attention, linear projections) of the tiny model's size, all zeros."""
-    from make_tiny_model import diffusers_shapes, unet_config, write_json
+    from blip_diffusion_nodes.tools.make_tiny_model import diffusers_shapes, unet_config, write_json
     config = unet_config("tiny") | {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
                                      "use_linear_projection": True}
     dst.mkdir()
@@ -259,7 +256,7 @@ def test_hostile_model_folder(comfy, tiny_model, hostile_models, markers, case):
     graph = small(hostile_models[case.id], prefix="rel_hostile")
     # Not run (no output uses it), but in the prompt: ComfyUI keeps the tiny model's loaded outputs cached
     # for the health check instead of loading it again after every case.
-    graph["99"] = {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": tiny_model, "weight_dtype": "auto"}}
+    graph.add('BlipDiffusionLoader', '99', model_name=tiny_model, weight_dtype='auto')
     if case.expected:
         message = failed(comfy, graph, "BlipDiffusionLoader", *case.expected)
         assert hostile_models[case.id] in message  # names the folder
@@ -289,7 +286,7 @@ def test_subject_encoder_file_of_another_kind(comfy, comfy_base, tiny_model):
     path = comfy_base / "models" / "blip_diffusion" / "rel-lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(path))
     try:
-        failed(comfy, loader_graph(path.name, "BlipDiffusionSubjectEncoderLoader"), "BlipDiffusionSubjectEncoderLoader",
+        failed(comfy, previewed("BlipDiffusionSubjectEncoderLoader", model_name=path.name, weight_dtype="auto"), "BlipDiffusionSubjectEncoderLoader",
                "rel-lora.safetensors does not match the expected model", "missing: ", "unexpected: lora_unet_")
     finally:
         path.unlink()
@@ -313,7 +310,7 @@ rows(*(row for row, *_ in NAMES))
 
 @pytest.mark.parametrize("row, node, name, expected", NAMES, ids=[n[0] for n in NAMES])
 def test_loader_names_outside_the_model_folder(comfy, row, node, name, expected):
-    rejected(comfy, loader_graph(name, node), "1", "model_name", *expected)
+    rejected(comfy, previewed(node, model_name=name, weight_dtype="auto"), "1", "model_name", *expected)
 
 
 STALE = [  # (row, node id in zero_shot, input, value, choice that the message lists)
@@ -371,10 +368,9 @@ def text_run(comfy, comfy_base, tiny_model):
     assert all(f"{word}</w>" in vocab for word in WORDS)  # whole words of CLIP's BPE: words(n) is n tokens
     graph = small(tiny_model, prompt=words(2000), negative=words(2000), prefix="rel_long_text")
     for i, n in enumerate((*LENGTHS, TEXT_FIT)):
-        graph[f"3{i}"] = {"class_type": "BlipDiffusionMultimodalPromptFuse",
-                          "inputs": {**graph["4"]["inputs"], "prompt": words(n)}}
+        graph.add("BlipDiffusionMultimodalPromptFuse", f"3{i}", **{**graph["4"]["inputs"], "prompt": words(n)})
         probe(graph, f"4{i}", f"rel_prompt_{n}", conditioning=[f"3{i}", 0])
-        graph[f"5{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": words(n)}}
+        graph.add('CLIPTextEncode', f'5{i}', clip=['1', 1], text=words(n))
         probe(graph, f"6{i}", f"rel_negative_{n}", conditioning=[f"5{i}", 0])
     entry = comfy.run_ok(graph)
     return {"image": comfy.image(entry, "9"),
@@ -460,33 +456,23 @@ def images(comfy):
         (comfy.base / "input" / name).unlink(missing_ok=True)
 
 
-class Graph:
-    """An API-format prompt built node by node, starting from a Loader; `out` returns a node's first socket."""
+class Encodings(SubjectGraph):
+    """Encodes images as "cat", probing each subject."""
 
     def __init__(self, model: str):
-        self.nodes: dict[str, dict] = {}
-        self.model = self.out("BlipDiffusionLoader", model_name=model, weight_dtype="auto")[0]
+        super().__init__(model)
         self.probes: list[str] = []
-
-    def out(self, class_type: str, **inputs) -> list:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return [node_id, 0]
-
-    def image(self, name: str) -> list:
-        return self.out("LoadImage", image=name)
 
     def encode(self, image: list, preprocess: str = "squash", **mask) -> list:
         """Encode `image` as a "cat" and probe the subject (`run` returns the subjects in this order)."""
-        subject = self.out("BlipDiffusionSubjectEncoder", subject_encoder=[self.model, 3], image=image, subject="cat",
-                           preprocess=preprocess, **mask)
+        subject = super().encode(image, "cat", preprocess, **mask)
         self.probes.append(f"rel_subject_{len(self.probes)}")
-        self.out("ProbeSaveTensors", name=self.probes[-1], subject=subject)
+        probe(self, None, self.probes[-1], subject=subject)
         return subject
 
     def run(self, comfy) -> list[torch.Tensor]:
         """Run it; the subject embeddings in the order encoded, each checked to be one finite [1,16,768]."""
-        comfy.run_ok(self.nodes)
+        comfy.run_ok(self)
         found = [comfy.probe(name)[0]["subject"] for name in self.probes]
         for subject in found:
             assert subject.shape == (1, 16, 768) and torch.isfinite(subject).all()
@@ -494,7 +480,7 @@ class Graph:
 
 
 def encoded(comfy, tiny_model, *names: str, preprocess: str = "squash") -> list[torch.Tensor]:
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     for name in names:
         g.encode(g.image(name), preprocess)
     return g.run(comfy)
@@ -535,10 +521,10 @@ def test_rgba_file_alpha_is_dropped(comfy, tiny_model, images):
 @covers("image-rgba-tensor")
 def test_rgba_image_tensor_alpha_is_dropped(comfy, tiny_model, images):
     """A 4-channel IMAGE (stock JoinImageWithAlpha): the encoder ignores alpha, as the reference does."""
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     rgb = g.image(images["rgb"])
-    alpha = g.out("SolidMask", value=0.3, width=80, height=96)
-    g.encode(g.out("JoinImageWithAlpha", image=rgb, alpha=alpha))
+    alpha = g.add("SolidMask", value=0.3, width=80, height=96)
+    g.encode(g.add("JoinImageWithAlpha", image=rgb, alpha=alpha))
     g.encode(rgb)
     with_alpha, without = g.run(comfy)
     assert torch.equal(with_alpha, without)
@@ -547,10 +533,10 @@ def test_rgba_image_tensor_alpha_is_dropped(comfy, tiny_model, images):
 @covers("image-16bit-gray")
 def test_16_bit_gray_subject(comfy, tiny_model, images):
     """Works, but ComfyUI's LoadImage converts 16-bit gray with Pillow, which clips to white (documented)."""
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     image = g.image(images["gray16"])
     g.encode(image)
-    g.out("ProbeSaveTensors", name="rel_gray16", image=image)
+    g.add("ProbeSaveTensors", name="rel_gray16", image=image)
     g.run(comfy)
     assert comfy.probe("rel_gray16")[0]["image"].mean() > 0.95
 
@@ -564,24 +550,24 @@ def test_16_bit_rgb_subject_means_its_8_bit_copy(comfy, tiny_model, images):
 @covers("mask-other-size")
 def test_mask_of_another_size_is_resized(comfy, tiny_model):
     """An all-ones mask keeps the photo exactly; an all-zeros one paints it all white, whatever their size."""
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     cat = g.image(CAT)  # 451x300
     g.encode(cat)
-    g.encode(cat, mask=g.out("SolidMask", value=1.0, width=64, height=48))
-    g.encode(cat, mask=g.out("SolidMask", value=0.0, width=17, height=5))
-    g.encode(g.out("EmptyImage", width=451, height=300, batch_size=1, color=0xFFFFFF))
+    g.encode(cat, mask=g.add("SolidMask", value=1.0, width=64, height=48))
+    g.encode(cat, mask=g.add("SolidMask", value=0.0, width=17, height=5))
+    g.encode(g.add("EmptyImage", width=451, height=300, batch_size=1, color=0xFFFFFF))
     no_mask, ones, zeros, white = g.run(comfy)
     assert torch.equal(ones, no_mask) and torch.equal(zeros, white)
 
 
 @covers("mask-batch-mismatch")
 def test_mask_batch_mismatch(comfy, tiny_model):
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     cat = g.image(CAT)
-    masks = g.out("ImageToMask", channel="red", image=g.out(
-        "RepeatImageBatch", amount=3, image=g.out("MaskToImage", mask=g.out("SolidMask", value=1.0, width=64, height=64))))
-    g.encode(g.out("RepeatImageBatch", image=cat, amount=2), mask=masks)
-    failed(comfy, g.nodes, "BlipDiffusionSubjectEncoder", "mask: 3 masks for 2 subject images",
+    masks = g.add("ImageToMask", channel="red", image=g.add(
+        "RepeatImageBatch", amount=3, image=g.add("MaskToImage", mask=g.add("SolidMask", value=1.0, width=64, height=64))))
+    g.encode(g.add("RepeatImageBatch", image=cat, amount=2), mask=masks)
+    failed(comfy, g, "BlipDiffusionSubjectEncoder", "mask: 3 masks for 2 subject images",
            "expected 1 mask (used for every image) or one per image")
     healthy(comfy, tiny_model)
 
@@ -600,7 +586,7 @@ def test_latent_sizes(comfy, tiny_model, width, height, expected):
 @covers("batch-mismatch-per-latent")
 def test_three_subject_images_per_latent_for_two_latents(comfy, tiny_model):
     graph = small(tiny_model, batch=2, multi_image="per latent")
-    graph["11"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 3}}
+    graph.add('RepeatImageBatch', '11', image=['2', 0], amount=3)
     graph["3"]["inputs"]["image"] = ["11", 0]
     failed(comfy, graph, "BlipDiffusionSampler", "positive: a conditioning of batch 3 cannot be paired with 2 latents",
            "multi_image 'per latent'", "3 subject images for 2 latents", "give as many images as latents")
@@ -608,11 +594,6 @@ def test_three_subject_images_per_latent_for_two_latents(comfy, tiny_model):
 
 
 # --- subject files -------------------------------------------------------------------------------
-
-def load_subject(name: str) -> dict:
-    return {"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": name}},
-            "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "rel_loaded", "subject": ["1", 0]}}}
-
 
 @pytest.fixture(scope="module")
 def subject_folder(comfy):
@@ -633,14 +614,14 @@ def subject_folder(comfy):
 def test_subject_file_names_outside_the_folders(comfy, tiny_model, name):
     unet = comfy.base / "models" / "blip_diffusion" / tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
     name = name.format(unet=unet)
-    rejected(comfy, load_subject(name), "1", "subject_file", "must be a name inside", "not a path")
+    rejected(comfy, loaded_subject(name), "1", "subject_file", "must be a name inside", "not a path")
 
 
 @covers("subject-file-not-subject")
 def test_subject_file_of_another_kind(comfy, tiny_model, subject_folder):
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(subject_folder / "rel_lora.safetensors"),
               metadata={"ss_network_module": "networks.lora"})
-    failed(comfy, load_subject("rel_lora.safetensors"), "BlipDiffusionLoadSubject",
+    failed(comfy, loaded_subject("rel_lora.safetensors"), "BlipDiffusionLoadSubject",
            "rel_lora.safetensors is not a BLIP-Diffusion subject file: expected metadata format='blip_diffusion_subject'")
     healthy(comfy, tiny_model)
 
@@ -648,16 +629,15 @@ def test_subject_file_of_another_kind(comfy, tiny_model, subject_folder):
 @covers("subject-file-pickle")
 def test_pickle_subject_file_is_never_opened(comfy, tiny_model, subject_folder, markers):
     pickle_bomb(subject_folder / "rel_evil.pt", markers / "pwned-subject")
-    rejected(comfy, load_subject("rel_evil.pt"), "1", "subject_file", "expected a .safetensors subject file",
+    rejected(comfy, loaded_subject("rel_evil.pt"), "1", "subject_file", "expected a .safetensors subject file",
              "never pickle")
     assert not any(markers.iterdir())
 
 
 @covers("save-prefix-escape")
 def test_save_subject_outside_the_output_folder(comfy, tiny_model):
-    graph = {k: v for k, v in small(tiny_model).items() if k in ("1", "2", "3")}  # the save is the only output
-    graph["12"] = {"class_type": "BlipDiffusionSaveSubject", "inputs": {"subject": ["3", 0],
-                                                                         "filename_prefix": "../../rel_escape"}}
+    graph = Graph({k: v for k, v in small(tiny_model).items() if k in ("1", "2", "3")})  # the save is the only output
+    graph.add('BlipDiffusionSaveSubject', '12', subject=['3', 0], filename_prefix='../../rel_escape')
     rejected(comfy, graph, "12", "filename_prefix", "expected a name inside the output folder")
     healthy(comfy, tiny_model)
     assert not list(comfy.base.parent.glob("rel_escape*")) and not list(comfy.base.glob("rel_escape*"))
@@ -721,7 +701,7 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
 
     def per_latent_mismatch(i):
         graph = small(tiny_model, batch=2, multi_image="per latent")
-        graph["11"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 3}}
+        graph.add('RepeatImageBatch', '11', image=['2', 0], amount=3)
         graph["3"]["inputs"]["image"] = ["11", 0]
         return graph, ("runtime", "BlipDiffusionSampler", "3 subject images for 2 latents")
 
@@ -773,147 +753,15 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
     healthy(comfy, tiny_model)
 
 
-# --- static guarantees ---------------------------------------------------------------------------
-
-SKIP_DIRS = {".git", ".venv", ".refvenv", "node_modules", ".cache", "__pycache__"}
-
-
-def python_files() -> list[Path]:
-    return sorted(p for p in ROOT.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(ROOT).parts))
-
-
-def unsafe_loads(source: str) -> list[str]:
-    """Calls that could unpickle code: torch.load without weights_only=True, ComfyUI's load_torch_file without
-    safe_load=True, pickle's loaders, numpy loads with allow_pickle=True."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module in ("torch", "pickle", "dill", "joblib"):
-            for alias in node.names:
-                if alias.name in ("load", "loads", "Unpickler"):
-                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
-        if not isinstance(node, ast.Call):
-            continue
-        name = ast.unparse(node.func)
-        keywords = {k.arg: k.value for k in node.keywords}
-
-        def is_true(key):
-            return isinstance(keywords.get(key), ast.Constant) and keywords[key].value is True
-
-        if name.endswith("torch.load") and not is_true("weights_only"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif name.endswith("load_torch_file") and not is_true("safe_load"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "joblib.load"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif name.endswith(("np.load", "numpy.load")) and is_true("allow_pickle"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-    return found
-
-
-@covers("static-torch-load")
-def test_no_unsafe_unpickling_anywhere():
-    assert unsafe_loads("import torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-                        "comfy.utils.load_torch_file(p)\nfrom pickle import loads\n") != []  # the check can fail
-    assert len(unsafe_loads("torch.load(p)\ntorch.load(p, weights_only=False)\n")) == 2
-    assert unsafe_loads("torch.load(p, map_location='cpu', weights_only=True)\n") == []
-    files = python_files()
-    assert ROOT / "blip_core" / "loading.py" in files
-    problems = {str(p.relative_to(ROOT)): found for p in files if (found := unsafe_loads(p.read_text()))}
-    assert not problems, problems
-
-
-RESOLVER_MODULE = "paths"  # nodes/paths.py: every user-named file goes through it
-NODE_METHODS = ("execute", "validate_inputs", "fingerprint_inputs")
-PATH_WORDS = ("file", "path", "prefix", "folder", "dir")
-
-
-def path_inputs(cls: ast.ClassDef) -> set[str]:
-    """A node's inputs that name files: combos whose options come from nodes/paths.py, and strings
-    named like a file or folder."""
-    names = set()
-    for call in ast.walk(cls):
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "Input"
-                and call.args and isinstance(call.args[0], ast.Constant)):
-            continue
-        kind, name = ast.unparse(call.func.value), call.args[0].value
-        options = next((k.value for k in call.keywords if k.arg == "options"), None)
-        if kind == "io.Combo" and options is not None and ast.unparse(options).startswith(f"{RESOLVER_MODULE}."):
-            names.add(name)
-        elif kind == "io.String" and any(word in name for word in PATH_WORDS):
-            names.add(name)
-    return names
-
-
-def unresolved_uses(source: str) -> tuple[list[str], list[str]]:
-    """(uses, problems) of file-naming inputs in node methods. Each use must pass the name straight to
-    a nodes/paths.py function, or to a function of the same module that does (checked the same way),
-    or only compare, return or show it in a message: never join it to a folder or open it."""
-    tree = ast.parse(source)
-    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
-    helpers = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    uses, problems = [], []
-
-    def check(function: ast.FunctionDef, param: str, where: str, seen: frozenset) -> None:
-        for name in ast.walk(function):
-            if not (isinstance(name, ast.Name) and name.id == param and isinstance(name.ctx, ast.Load)):
-                continue
-            here = f"{where}:{name.lineno} {param}"
-            parent = parents[name]
-            keyword = parent.arg if isinstance(parent, ast.keyword) else None
-            if keyword is not None:
-                parent = parents[parent]
-            callee = ast.unparse(parent.func) if isinstance(parent, ast.Call) else None
-            if callee is not None and callee.startswith(f"{RESOLVER_MODULE}."):
-                uses.append(f"{here} -> {callee}")
-            elif callee in helpers and callee not in seen:
-                helper = helpers[callee]
-                arg = keyword or helper.args.args[parent.args.index(name)].arg
-                uses.append(f"{here} -> {callee}()")
-                check(helper, arg, f"{where} -> {callee}", seen | {callee})
-            elif isinstance(parent, (ast.Return, ast.FormattedValue, ast.Compare)):
-                uses.append(f"{here} -> {type(parent).__name__.lower()}")
-            else:
-                problems.append(f"{here}: {ast.unparse(parent)}")
-
-    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
-        inputs = path_inputs(cls)
-        for method in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in NODE_METHODS):
-            for param in inputs & {a.arg for a in method.args.args}:
-                check(method, param, f"{cls.name}.{method.name}", frozenset())
-    return uses, problems
-
-
-@covers("static-user-paths")
-def test_user_named_files_go_through_the_resolvers():
-    bad = ('def weights(name):\n    return open(name)\n'
-           'class X:\n    def define_schema(cls):\n        io.Combo.Input("model_name", options=paths.model_folders())\n'
-           '    def execute(cls, model_name):\n        return weights(model_name), open(Path(root) / model_name)\n')
-    assert unresolved_uses(bad)[1] == ["X.execute -> weights:2 name: open(name)",  # the check can fail
-                                       "X.execute:7 model_name: Path(root) / model_name"]
-    uses, problems = [], []
-    for path in sorted((ROOT / "nodes").glob("*.py")):
-        found, wrong = unresolved_uses(path.read_text())
-        uses += [f"{path.name}: {u}" for u in found]
-        problems += [f"{path.name}: {w}" for w in wrong]
-    print("user-named files in node code:\n  " + "\n  ".join(uses))
-    assert not problems, problems
-    for expected in ("BlipDiffusionLoader.execute", "BlipDiffusionSubjectEncoderLoader.execute",
-                     "BlipDiffusionLoadSubject.execute", "BlipDiffusionSaveSubject.execute",
-                     "BlipDiffusionControlNetLoader.execute", "BlipDiffusionHEDEdges.execute"):
-        assert any(expected in use for use in uses), (expected, uses)
-
-
 # --- ControlNet ------------------------------------------------------------------------------------
 
 def controlled(model: str, control=("30", 0), batch: int = 1, start: float = 0.0, end: float = 1.0,
                controlnet: str | None = None) -> dict:
     """small() with a ControlNet (the tiny model's, or `controlnet` from models/controlnet) on `control`."""
     graph = small(model, batch=batch, prefix="rel_cn")
-    graph["30"] = {"class_type": "LoadImage", "inputs": {"image": "blipd_example_cup.jpg"}}
-    graph["31"] = {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": controlnet or model}}
-    graph["32"] = {"class_type": "BlipDiffusionControlNetApply",
-                   "inputs": {"positive": ["4", 0], "negative": ["5", 0], "control_net": ["31", 0],
-                              "image": list(control), "strength": 1.0, "start_percent": start, "end_percent": end}}
+    graph.add('LoadImage', '30', image='blipd_example_cup.jpg')
+    graph.add('BlipDiffusionControlNetLoader', '31', model_name=controlnet or model)
+    graph.add('BlipDiffusionControlNetApply', '32', positive=['4', 0], negative=['5', 0], control_net=['31', 0], image=list(control), strength=1.0, start_percent=start, end_percent=end)
     graph["7"]["inputs"].update(positive=["32", 0], negative=["32", 1])
     return graph
 
@@ -943,7 +791,7 @@ def test_controlnet_pickle_is_never_run(comfy, comfy_base, tiny_model, tmp_path)
 
 @covers("cn-architecture-sdxl")
 def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
-    from make_tiny_model import controlnet_config, diffusers_shapes, state_dict
+    from blip_diffusion_nodes.tools.make_tiny_model import controlnet_config, diffusers_shapes, state_dict
 
     folder = comfy_base / "models" / "controlnet" / "rel-cn-2048"
     folder.mkdir(parents=True)
@@ -962,7 +810,7 @@ def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
 @covers("cn-image-batch-mismatch")
 def test_control_images_for_other_latent_count(comfy, tiny_model):
     graph = controlled(tiny_model, control=("33", 0), batch=3)
-    graph["33"] = {"class_type": "ImageBatch", "inputs": {"image1": ["30", 0], "image2": ["30", 0]}}
+    graph.add('ImageBatch', '33', image1=['30', 0], image2=['30', 0])
     failed(comfy, graph, "BlipDiffusionSampler", "image is a batch of 2 control images", "3 latents",
            "give 1 control image (for all) or one per latent")
     healthy(comfy, tiny_model)
@@ -972,7 +820,7 @@ def test_control_images_for_other_latent_count(comfy, tiny_model):
 @pytest.mark.parametrize("mode", ["gray", "rgba"], ids=["cn-image-gray", "cn-image-rgba"])
 def test_gray_and_rgba_control_images(comfy, tiny_model, mode):
     graph = controlled(tiny_model, control=("33", 0))
-    graph["33"] = {"class_type": "ProbeImageChannels", "inputs": {"image": ["30", 0], "mode": mode}}
+    graph.add('ProbeImageChannels', '33', image=['30', 0], mode=mode)
     assert comfy.image(comfy.run_ok(graph), "9").shape == (64, 64, 3)
 
 
@@ -988,11 +836,8 @@ def test_hed_annotator_without_its_file(comfy, comfy_base, tiny_model):
     folder = comfy_base / "models" / "annotators" / "rel-empty-annotators"
     folder.mkdir(parents=True)
     try:
-        graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "blipd_example_cup.jpg"}},
-                 "2": {"class_type": "BlipDiffusionHEDEdges",
-                       "inputs": {"image": ["1", 0], "annotator": folder.name, "scribble": False, "safe": False,
-                                  "resolution": 128}},
-                 "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+        graph = edges("BlipDiffusionHEDEdges", "blipd_example_cup.jpg", annotator=folder.name, scribble=False,
+                      safe=False, resolution=128)
         rejected(comfy, graph, "2", "annotator", "no ControlNetHED.pth in", str(folder))
     finally:
         shutil.rmtree(folder)

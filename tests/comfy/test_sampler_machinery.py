@@ -8,7 +8,7 @@ import uuid
 
 import aiohttp
 
-from graphs import zero_shot
+from blip_diffusion_nodes.tests.graphs import zero_shot
 
 
 async def watch(comfy, prompt: dict, interrupt_at_step: int | None = None) -> dict:

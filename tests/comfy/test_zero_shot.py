@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from blip_core import build_prompt, load_text_encoder
-from comfy_server import execution_error
-from graphs import NEGATIVE, probe, shrink, twin, zero_shot
-from make_tiny_model import make_model
+from blip_diffusion_nodes.blip_core.prompt import build_prompt
+from blip_diffusion_nodes.tools.context_clip import load_text_encoder
+from blip_diffusion_nodes.tools.comfy_server import execution_error
+from blip_diffusion_nodes.tests.graphs import NEGATIVE, probe, shrink, twin, zero_shot
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TWINS = sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
@@ -66,8 +67,8 @@ def test_prompt_strength(comfy, tiny_model, text_encoder, strength):
 def test_per_latent_subjects_pair_with_latents(comfy, tiny_model, text_encoder):
     """multi_image 'per latent': image i conditions latent i, in one CONDITIONING batch."""
     graph = zero_shot(tiny_model, batch=2, multi_image="per latent", prefix="per_latent")
-    graph["10"] = {"class_type": "ImageFlip", "inputs": {"image": ["2", 0], "flip_method": "x-axis: vertically"}}
-    graph["11"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["10", 0]}}
+    graph.add('ImageFlip', '10', image=['2', 0], flip_method='x-axis: vertically')
+    graph.add('ImageBatch', '11', image1=['2', 0], image2=['10', 0])
     graph["3"]["inputs"]["image"] = ["11", 0]
     probe(graph, "20", "per_latent", conditioning=["4", 0], subject=["3", 0])
     entry = comfy.run_ok(graph)
@@ -80,7 +81,7 @@ def test_per_latent_subjects_pair_with_latents(comfy, tiny_model, text_encoder):
 
 def test_per_latent_batch_mismatch_is_a_clear_error(comfy, tiny_model):
     graph = zero_shot(tiny_model, batch=3, multi_image="per latent")
-    graph["11"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["2", 0]}}
+    graph.add('ImageBatch', '11', image1=['2', 0], image2=['2', 0])
     graph["3"]["inputs"]["image"] = ["11", 0]
     error = execution_error(comfy.run(graph))
     assert error["node_type"] == "BlipDiffusionSampler"
@@ -90,13 +91,11 @@ def test_per_latent_batch_mismatch_is_a_clear_error(comfy, tiny_model):
 def test_fused_conditioning_with_stock_nodes(comfy, tiny_model):
     """The fused CONDITIONING is native: stock KSampler, ConditioningSetTimestepRange and ConditioningCombine."""
     graph = zero_shot(tiny_model, prefix="stock")
-    graph["12"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat swimming underwater"}}
-    graph["13"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["4", 0], "start": 0.0, "end": 0.5}}
-    graph["14"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["12", 0], "start": 0.5, "end": 1.0}}
-    graph["15"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["13", 0], "conditioning_2": ["14", 0]}}
-    graph["7"] = {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["15", 0], "negative": ["5", 0],
-                                                       "latent_image": ["6", 0], "seed": 3, "steps": 3, "cfg": 7.5,
-                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    graph.add('CLIPTextEncode', '12', clip=['1', 1], text='a cat swimming underwater')
+    graph.add('ConditioningSetTimestepRange', '13', conditioning=['4', 0], start=0.0, end=0.5)
+    graph.add('ConditioningSetTimestepRange', '14', conditioning=['12', 0], start=0.5, end=1.0)
+    graph.add('ConditioningCombine', '15', conditioning_1=['13', 0], conditioning_2=['14', 0])
+    graph.add('KSampler', '7', model=['1', 0], positive=['15', 0], negative=['5', 0], latent_image=['6', 0], seed=3, steps=3, cfg=7.5, sampler_name='euler', scheduler='normal', denoise=1.0)
     assert comfy.image(comfy.run_ok(graph), "9").shape == (128, 128, 3)
 
 
@@ -109,20 +108,17 @@ def test_plms_as_a_sampler_for_sampler_custom(comfy, tiny_model):
     """BLIP-Diffusion PLMS Sampler + Reference Sigmas in stock SamplerCustom = BlipDiffusionSampler."""
     reference = latent_of(comfy, zero_shot(tiny_model, seed=5, prefix="plms_a"), "plms_a")
     graph = zero_shot(tiny_model, seed=5, prefix="plms_b")
-    graph["16"] = {"class_type": "BlipDiffusionPLMSSampler", "inputs": {}}
-    graph["17"] = {"class_type": "BlipDiffusionReferenceSigmas", "inputs": {"steps": 3, "denoise": 1.0}}
-    graph["7"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 5,
-                                                            "cfg": 7.5, "positive": ["4", 0], "negative": ["5", 0],
-                                                            "sampler": ["16", 0], "sigmas": ["17", 0],
-                                                            "latent_image": ["6", 0]}}
+    graph.add('BlipDiffusionPLMSSampler', '16')
+    graph.add('BlipDiffusionReferenceSigmas', '17', steps=3, denoise=1.0)
+    graph.add('SamplerCustom', '7', model=['1', 0], add_noise=True, noise_seed=5, cfg=7.5, positive=['4', 0], negative=['5', 0], sampler=['16', 0], sigmas=['17', 0], latent_image=['6', 0])
     assert torch.equal(latent_of(comfy, graph, "plms_b"), reference)
 
 
 def test_batch_noise_mask_and_denoise(comfy, tiny_model):
     """Two latents, an inpainting noise mask and img2img strength all run on the reference sampler."""
     graph = zero_shot(tiny_model, batch=2, prefix="masked")
-    graph["18"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 128}}
-    graph["19"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["6", 0], "mask": ["18", 0]}}
+    graph.add('SolidMask', '18', value=1.0, width=64, height=128)
+    graph.add('SetLatentNoiseMask', '19', samples=['6', 0], mask=['18', 0])
     graph["7"]["inputs"].update(latent_image=["19", 0], denoise=0.6)
     assert len(comfy.run_ok(graph)["outputs"]["9"]["images"]) == 2
 
@@ -152,8 +148,7 @@ def micro_encoder(comfy_base) -> str:
 
 def test_subject_from_another_model_width_is_a_clear_error(comfy, tiny_model, micro_encoder):
     graph = zero_shot(tiny_model)
-    graph["21"] = {"class_type": "BlipDiffusionSubjectEncoderLoader", "inputs": {"model_name": micro_encoder,
-                                                                                 "weight_dtype": "fp32"}}
+    graph.add('BlipDiffusionSubjectEncoderLoader', '21', model_name=micro_encoder, weight_dtype='fp32')
     graph["3"]["inputs"]["subject_encoder"] = ["21", 0]
     error = execution_error(comfy.run(graph))
     assert error["node_type"] == "BlipDiffusionMultimodalPromptFuse"

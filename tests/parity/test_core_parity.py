@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from blip_core import build_prompt, load_subject_encoder, load_text_encoder, preprocess
-from blip_core.bert_tokenizer import tokenize_subjects
-from blip_core.sampling import alphas_cumprod, plms_call_timesteps, reference_sigmas, sample_plms
+from blip_diffusion_nodes.blip_core.bert_tokenizer import tokenize_subjects
+from blip_diffusion_nodes.blip_core.preprocess import preprocess
+from blip_diffusion_nodes.blip_core.prompt import build_prompt
+from blip_diffusion_nodes.blip_core.sampling import alphas_cumprod, reference_sigmas, reference_timesteps, sample_plms
+from blip_diffusion_nodes.blip_core.subject_encoder import load_subject_encoder
+from blip_diffusion_nodes.tools.context_clip import load_text_encoder
 
 ATOL = 1e-5
+
+
+def plms_call_timesteps(steps: int) -> list[int]:
+    """The timesteps at which the reference calls the model: PNDM evaluates the second one twice."""
+    t = reference_timesteps(steps)
+    return t[:1] + t[1:2] + t[1:] if len(t) > 1 else t
 
 
 def case_names(fixture):

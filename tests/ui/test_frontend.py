@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfy_server import PACK_NAME
-from workflows import SIZE_INPUTS, shrink  # tools/workflows.py: the CPU-friendly edit the server tests use too
+from blip_diffusion_nodes.tools.comfy_server import PACK_NAME
+from blip_diffusion_nodes.tests.graphs import SIZE_INPUTS, shrink, twin  # the CPU-friendly edit the server tests use too
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -83,10 +83,6 @@ def browser_runs(request, tmp_path_factory) -> dict[str, dict]:
     if "--shots" in options:
         write_thumbnails(results)
     return results
-
-
-def twin(name: str) -> dict:
-    return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
 
 
 def nodes_by_id(prompt: dict) -> dict:

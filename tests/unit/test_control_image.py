@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_core import resize_control_image
+from blip_diffusion_nodes.blip_core.control import resize_control_image
 
 
 def pixels(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from make_tiny_model import make_model, weights_digest
+from blip_diffusion_nodes.tools.make_tiny_model import make_model, weights_digest
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):

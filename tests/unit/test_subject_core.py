@@ -9,8 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blip_core import Subject, average_views, blend, load_subject, parse_weights, save_subject, subject_from_lavis
-from blip_core.subject_file import FORMAT, VERSION
+from blip_diffusion_nodes.blip_core.subject import Subject
+from blip_diffusion_nodes.blip_core.subject_blend import average_views, blend, parse_weights
+from blip_diffusion_nodes.blip_core.subject_file import load_subject, save_subject, subject_from_lavis
+from blip_diffusion_nodes.blip_core.subject_file import FORMAT, VERSION
 
 
 def subject(seed: int, views: int = 1, category: str = "dog", **metadata) -> Subject:

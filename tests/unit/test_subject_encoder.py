@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip_core import SubjectEncoderConfig, load_subject_encoder
-from blip_core.preprocess import preprocess
-from make_tiny_model import make_model
+from blip_diffusion_nodes.blip_core.config import SubjectEncoderConfig
+from blip_diffusion_nodes.blip_core.subject_encoder import SubjectEncoderModel, load_subject_encoder
+from blip_diffusion_nodes.blip_core.preprocess import preprocess
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
 IMAGES = torch.rand(2, 40, 56, 3, generator=torch.Generator().manual_seed(0))
 
@@ -33,7 +34,6 @@ def test_shapes_and_dtype(encoder, reference_output):
 
 def test_released_checkpoint_has_679_tensors_and_full_size_parameter_count():
     with torch.device("meta"):
-        from blip_core import SubjectEncoderModel
         model = SubjectEncoderModel(SubjectEncoderConfig())
     state = model.state_dict()
     assert len(state) + 1 == 679  # + embeddings.position_ids, which is recomputed rather than loaded

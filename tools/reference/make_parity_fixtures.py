@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip_diffusion_nodes.tools.make_tiny_model import weights_digest
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-from make_tiny_model import weights_digest  # noqa: E402
 BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
 
 # (name, PIL mode, width, height, subject categories, prompt, target, strength)
