@@ -35,8 +35,11 @@ def bench_images(batch: int, size: int = 512) -> list[np.ndarray]:
 def control_image(size: int) -> np.ndarray:
     """A blocky edge-like control image, the same on both sides."""
     rng = np.random.default_rng(1)
-    return np.repeat(np.repeat(rng.integers(0, 2, (size // 16, size // 16, 1)) * 255, 16, 0), 16, 1).repeat(3, 2)\
+    return (
+        np.repeat(np.repeat(rng.integers(0, 2, (size // 16, size // 16, 1)) * 255, 16, 0), 16, 1)
+        .repeat(3, 2)
         .astype(np.uint8)
+    )
 
 
 def peak_rss() -> int:
@@ -73,8 +76,9 @@ class Reference:
         pipe, images = self.plain, [Image.fromarray(a) for a in bench_images(batch)]
 
         def run():
-            pixels = pipe.image_processor.preprocess(images, image_mean=pipe.config.mean, image_std=pipe.config.std,
-                                                     return_tensors="pt")["pixel_values"].to(self.device, pipe.qformer.dtype)
+            pixels = pipe.image_processor.preprocess(
+                images, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt"
+            )["pixel_values"].to(self.device, pipe.qformer.dtype)
             pipe.get_query_embeddings(pixels, ["dog"] * batch)
 
         return self._timed(run)
@@ -83,10 +87,16 @@ class Reference:
         """The prompt with the subject spliced in: the pipeline's encode_prompt (one text-encoder call)."""
         pipe = self.plain
         if not hasattr(self, "query"):
-            pixels = pipe.image_processor.preprocess([Image.fromarray(bench_images(1)[0])], return_tensors="pt",
-                                                     image_mean=pipe.config.mean, image_std=pipe.config.std)
+            pixels = pipe.image_processor.preprocess(
+                [Image.fromarray(bench_images(1)[0])],
+                return_tensors="pt",
+                image_mean=pipe.config.mean,
+                image_std=pipe.config.std,
+            )
             with torch.no_grad():
-                self.query = pipe.get_query_embeddings(pixels["pixel_values"].to(self.device, pipe.qformer.dtype), ["dog"])
+                self.query = pipe.get_query_embeddings(
+                    pixels["pixel_values"].to(self.device, pipe.qformer.dtype), ["dog"]
+                )
         text = pipe._build_prompt([prompt], ["dog"])
         return self._timed(lambda: pipe.encode_prompt(self.query, text, self.device))
 
@@ -98,8 +108,19 @@ class Reference:
             pipe = self.controlled
             args.append(Image.fromarray(control_image(size)))
         generator = torch.Generator("cpu").manual_seed(seed)
-        return self._timed(lambda: pipe(*args, "dog", "dog", guidance_scale=7.5, height=size, width=size,
-                                        num_inference_steps=steps, neg_prompt=NEGATIVE, generator=generator))
+        return self._timed(
+            lambda: pipe(
+                *args,
+                "dog",
+                "dog",
+                guidance_scale=7.5,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                neg_prompt=NEGATIVE,
+                generator=generator,
+            )
+        )
 
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}

@@ -59,8 +59,12 @@ def peak_rss(pid: int) -> int:
 class ReferenceWorker:
     def __init__(self):
         python = os.environ.get("REFERENCE_PYTHON", str(ROOT / ".refvenv" / "bin" / "python"))
-        self.proc = subprocess.Popen([python, str(ROOT / "bench" / "reference_worker.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [python, str(ROOT / "bench" / "reference_worker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def __call__(self, op: str, **kwargs) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
@@ -91,7 +95,9 @@ class Pack:
         before = sum(self.server.cpu_times()[:2])
         entry = self.comfy.run_ok(prompt, timeout=7200)
         stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"]}
-        return (stamps["execution_success"] - stamps["execution_start"]) / 1000, sum(self.server.cpu_times()[:2]) - before
+        return (stamps["execution_success"] - stamps["execution_start"]) / 1000, sum(
+            self.server.cpu_times()[:2]
+        ) - before
 
     def graph(self, batch: int = 1, encoder_dtype: str = "auto") -> Graph:
         """Loader (1) -> subject (4) -> fused prompt (5); `batch` copies of the subject photo."""
@@ -104,18 +110,34 @@ class Pack:
         encoder = [loader, 3]
         if encoder_dtype != "auto":
             encoder = g.add("BlipDiffusionSubjectEncoderLoader", "15", model_name=MODEL, weight_dtype=encoder_dtype)
-        subject = g.add("BlipDiffusionSubjectEncoder", "4", subject_encoder=encoder, image=image,
-                        subject="dog" + " " * n, preprocess="squash")
-        g.add("BlipDiffusionMultimodalPromptFuse", "5", clip=[loader, 1], subject=subject,
-              prompt="swimming underwater" + " " * n, target_subject="dog", prompt_strength=1.0, prompt_reps=20,
-              multi_image="average", image_weights="")
+        subject = g.add(
+            "BlipDiffusionSubjectEncoder",
+            "4",
+            subject_encoder=encoder,
+            image=image,
+            subject="dog" + " " * n,
+            preprocess="squash",
+        )
+        g.add(
+            "BlipDiffusionMultimodalPromptFuse",
+            "5",
+            clip=[loader, 1],
+            subject=subject,
+            prompt="swimming underwater" + " " * n,
+            target_subject="dog",
+            prompt_strength=1.0,
+            prompt_reps=20,
+            multi_image="average",
+            image_weights="",
+        )
         return g
 
     def load(self) -> float:
         """The loader node (UNet, CLIP, VAE through ComfyUI's loaders, and the subject encoder)."""
         g = Graph({"1": self.graph()["1"]})
-        decoded = g.add("VAEDecode", "7", samples=g.add("EmptyLatentImage", "6", width=64, height=64, batch_size=1),
-                        vae=["1", 2])
+        decoded = g.add(
+            "VAEDecode", "7", samples=g.add("EmptyLatentImage", "6", width=64, height=64, batch_size=1), vae=["1", 2]
+        )
         g.add("PreviewImage", "8", images=decoded)
         return self.seconds(g)
 
@@ -135,16 +157,35 @@ class Pack:
         positive = ["5", 0]
         negative = g.add("CLIPTextEncode", "6", clip=["1", 1], text=NEGATIVE + " " * n)
         if controlnet:
-            apply = g.add("BlipDiffusionControlNetApply", "12", positive=positive, negative=negative,
-                          control_net=g.add("BlipDiffusionControlNetLoader", "10", model_name=MODEL),
-                          image=g.add("LoadImage", "11", image="bench_control.png"), strength=1.0, start_percent=0.0,
-                          end_percent=1.0)[0]
+            apply = g.add(
+                "BlipDiffusionControlNetApply",
+                "12",
+                positive=positive,
+                negative=negative,
+                control_net=g.add("BlipDiffusionControlNetLoader", "10", model_name=MODEL),
+                image=g.add("LoadImage", "11", image="bench_control.png"),
+                strength=1.0,
+                start_percent=0.0,
+                end_percent=1.0,
+            )[0]
             positive, negative = [apply, 0], [apply, 1]
-        samples = g.add("BlipDiffusionSampler", "8", model=["1", 0], positive=positive, negative=negative,
-                        latent_image=g.add("EmptyLatentImage", "7", width=self.size, height=self.size, batch_size=1),
-                        seed=n, steps=self.steps, cfg=7.5, sampler_name="pndm", scheduler="reference", denoise=1.0)
-        g.add("SaveImage", "14", images=g.add("VAEDecode", "13", samples=samples, vae=["1", 2]),
-              filename_prefix="bench")
+        samples = g.add(
+            "BlipDiffusionSampler",
+            "8",
+            model=["1", 0],
+            positive=positive,
+            negative=negative,
+            latent_image=g.add("EmptyLatentImage", "7", width=self.size, height=self.size, batch_size=1),
+            seed=n,
+            steps=self.steps,
+            cfg=7.5,
+            sampler_name="pndm",
+            scheduler="reference",
+            denoise=1.0,
+        )
+        g.add(
+            "SaveImage", "14", images=g.add("VAEDecode", "13", samples=samples, vae=["1", 2]), filename_prefix="bench"
+        )
         return self.seconds(g)
 
 
@@ -169,8 +210,10 @@ def row(name: str, pack: list, ref: list) -> str:
     spread = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"  # noqa: E731
     paired = statistics.median(p[0] / r[0] for p, r in zip(pack, ref))
     cpu = statistics.median(p[1] / r[1] for p, r in zip(pack, ref))
-    return (f"| {name} | {statistics.median(wall(pack)):.2f} ({spread(wall(pack))}) | "
-            f"{statistics.median(wall(ref)):.2f} ({spread(wall(ref))}) | {paired:.2f} | {cpu:.2f} |")
+    return (
+        f"| {name} | {statistics.median(wall(pack)):.2f} ({spread(wall(pack))}) | "
+        f"{statistics.median(wall(ref)):.2f} ({spread(wall(ref))}) | {paired:.2f} | {cpu:.2f} |"
+    )
 
 
 def main() -> None:
@@ -198,37 +241,70 @@ def main() -> None:
             ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")["seconds"]
             rows.append(f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load:.2f} | - | - |")
             for batch in (1, 4):
-                rows.append(row(f"subject encoding, batch {batch}", *measure(
-                    args.repeats, lambda b=batch: pack.encode(b), lambda b=batch: reference(ref("encode", batch=b)))))
-            rows.append(row("conditioning (prompt with the subject)", *measure(
-                args.repeats, pack.conditioning, lambda: reference(ref("conditioning", prompt="swimming underwater")))))
+                rows.append(
+                    row(
+                        f"subject encoding, batch {batch}",
+                        *measure(
+                            args.repeats,
+                            lambda b=batch: pack.encode(b),
+                            lambda b=batch: reference(ref("encode", batch=b)),
+                        ),
+                    )
+                )
+            rows.append(
+                row(
+                    "conditioning (prompt with the subject)",
+                    *measure(
+                        args.repeats,
+                        pack.conditioning,
+                        lambda: reference(ref("conditioning", prompt="swimming underwater")),
+                    ),
+                )
+            )
             if not args.skip_generate:
                 seeds = itertools.count()
                 for controlnet in (False, True):
                     name = f"generation {size}x{size}, {steps} steps, CFG 7.5" + (", ControlNet" if controlnet else "")
                     pack_times, ref_times = measure(
-                        args.repeats, lambda c=controlnet: pack.generate(c),
-                        lambda c=controlnet: reference(ref("generate", size=size, steps=steps, controlnet=c,
-                                                           seed=next(seeds))))
+                        args.repeats,
+                        lambda c=controlnet: pack.generate(c),
+                        lambda c=controlnet: reference(
+                            ref("generate", size=size, steps=steps, controlnet=c, seed=next(seeds))
+                        ),
+                    )
                     rows.append(row(name, pack_times, ref_times))
                     if gpu:
-                        rows.append(f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
-                                    f"{steps / statistics.median(t[0] for t in pack_times):.1f} | "
-                                    f"{steps / statistics.median(t[0] for t in ref_times):.1f} | - | - |")
+                        rows.append(
+                            f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
+                            f"{steps / statistics.median(t[0] for t in pack_times):.1f} | "
+                            f"{steps / statistics.median(t[0] for t in ref_times):.1f} | - | - |"
+                        )
             pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
-            rows.append(f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |")
+            rows.append(
+                f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |"
+            )
             if not gpu:  # the pack's CPU default is bfloat16 where the CPU has it: the same-precision row too
                 # (last: a second subject encoder in the server would count in its peak memory above)
-                rows.append(row("subject encoding, batch 1, pack forced to fp32", *measure(
-                    args.repeats, lambda: pack.encode(1, "fp32"), lambda: reference(ref("encode", batch=1)))))
+                rows.append(
+                    row(
+                        "subject encoding, batch 1, pack forced to fp32",
+                        *measure(
+                            args.repeats, lambda: pack.encode(1, "fp32"), lambda: reference(ref("encode", batch=1))
+                        ),
+                    )
+                )
     finally:
         ref.close()
     precision = "fp16" if gpu else "reference fp32; pack: ComfyUI's CPU defaults, subject encoder weight_dtype auto"
-    print(f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
-          f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
-          f"seconds: median (min-max) of {args.repeats} after a warm-up\n")
-    print("| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
-          "|---|---|---|---|---|")
+    print(
+        f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
+        f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
+        f"seconds: median (min-max) of {args.repeats} after a warm-up\n"
+    )
+    print(
+        "| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
+        "|---|---|---|---|---|"
+    )
     print("\n".join(rows))
 
 

@@ -13,6 +13,15 @@ from .subject_encoder import SubjectEncoder, load_subject_encoder
 from .subject_file import load_subject, save_subject, subject_from_lavis
 
 __all__ = [
-    "Subject", "SubjectEncoder", "average_views", "blend", "build_prompt", "load_subject", "load_subject_encoder",
-    "reference_sigmas", "sample_plms", "save_subject", "subject_from_lavis",
+    "Subject",
+    "SubjectEncoder",
+    "average_views",
+    "blend",
+    "build_prompt",
+    "load_subject",
+    "load_subject_encoder",
+    "reference_sigmas",
+    "sample_plms",
+    "save_subject",
+    "subject_from_lavis",
 ]

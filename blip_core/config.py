@@ -52,7 +52,7 @@ class SubjectEncoderConfig:
     num_query_tokens: int = 16
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SubjectEncoderConfig":
+    def from_dict(cls, data: dict) -> SubjectEncoderConfig:
         return cls(
             vision=dataclass_from(VisionConfig, data.get("vision_config") or {}),
             qformer=dataclass_from(QFormerConfig, data.get("qformer_config") or {}),
@@ -60,7 +60,7 @@ class SubjectEncoderConfig:
         )
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "SubjectEncoderConfig":
+    def from_json(cls, path: str | Path) -> SubjectEncoderConfig:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:

@@ -29,8 +29,12 @@ RELEASE = "Salesforce/blipdiffusion"
 def _weight_names(safetensors_stem: str, pickle_stem: str) -> tuple[str, ...]:
     """The names transformers and diffusers save under, in order of preference: [0] is what a
     safetensors save writes, [1] what a pickle save writes."""
-    return (f"{safetensors_stem}.safetensors", f"{pickle_stem}.bin",
-            f"{safetensors_stem}.fp16.safetensors", f"{pickle_stem}.fp16.bin")
+    return (
+        f"{safetensors_stem}.safetensors",
+        f"{pickle_stem}.bin",
+        f"{safetensors_stem}.fp16.safetensors",
+        f"{pickle_stem}.fp16.bin",
+    )
 
 
 TRANSFORMERS_WEIGHTS = _weight_names("model", "pytorch_model")
@@ -54,8 +58,10 @@ class Part:
         for name in self.weights:
             if (folder / name).is_file():
                 return folder / name
-        raise FileNotFoundError(f"{label or folder.name}: missing {self.folder}/ weights: expected {folder}/"
-                                f"{self.weights[0]} (or {', '.join(self.weights[1:])})")
+        raise FileNotFoundError(
+            f"{label or folder.name}: missing {self.folder}/ weights: expected {folder}/"
+            f"{self.weights[0]} (or {', '.join(self.weights[1:])})"
+        )
 
     def config_file(self, model: Path) -> Path:
         return model / self.folder / CONFIG
@@ -84,6 +90,8 @@ def check_model_folder(model: Path, parts: tuple[Part, ...] = LOADER_PARTS) -> N
     instead of failing on the last part after minutes of loading the others."""
     missing = [entry for part in parts for entry in part.missing(model)]
     if missing:
-        raise FileNotFoundError(f"{model.name}: incomplete BLIP-Diffusion folder {model}: missing {'; '.join(missing)}. "
-                                f"It needs the released layout ({MODEL_INDEX}, "
-                                f"{', '.join(p.folder + '/' for p in LOADER_PARTS)}), e.g. a full download of {RELEASE}.")
+        raise FileNotFoundError(
+            f"{model.name}: incomplete BLIP-Diffusion folder {model}: missing {'; '.join(missing)}. "
+            f"It needs the released layout ({MODEL_INDEX}, "
+            f"{', '.join(p.folder + '/' for p in LOADER_PARTS)}), e.g. a full download of {RELEASE}."
+        )

@@ -49,8 +49,10 @@ def whiten_outside(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if mask.ndim != 3:
         raise ValueError(f"mask: expected a MASK [H,W] or [B,H,W], got shape {tuple(mask.shape)}")
     if mask.shape[0] not in (1, images.shape[0]):
-        raise ValueError(f"mask: {mask.shape[0]} masks for {images.shape[0]} subject images; expected 1 mask "
-                         "(used for every image) or one per image")
+        raise ValueError(
+            f"mask: {mask.shape[0]} masks for {images.shape[0]} subject images; expected 1 mask "
+            "(used for every image) or one per image"
+        )
     if mask.shape[1:] != images.shape[1:3]:
         mask = F.interpolate(mask[:, None].float(), size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
     mask = mask.to(images).clamp(0, 1)[..., None]

@@ -7,7 +7,8 @@ spliced in after BOS and "a": 2 + 16 + 59 = 77 positions, one CLIP chunk.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 MAX_LENGTH = 77
 NUM_QUERY_TOKENS = 16
@@ -22,8 +23,15 @@ def build_prompt(prompt: str, target_subject: str, strength: float = 1.0, reps: 
     return ", ".join([one] * int(strength * reps))
 
 
-def splice_context(text: Sequence[T], context: Sequence[T], bos: T, eos: T, pad: T,
-                   begin: int = CTX_BEGIN_POS, length: int = MAX_LENGTH) -> list[T]:
+def splice_context(
+    text: Sequence[T],
+    context: Sequence[T],
+    bos: T,
+    eos: T,
+    pad: T,
+    begin: int = CTX_BEGIN_POS,
+    length: int = MAX_LENGTH,
+) -> list[T]:
     """One chunk of `length` entries: BOS, text (truncated), EOS, padding, with `context` inserted at `begin`.
 
     `text` holds the prompt's tokens without BOS/EOS; entries may be ids or anything else

@@ -13,7 +13,7 @@ it is skipped here and the sampler needs one model call fewer than the reference
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,10 +21,11 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
 
 
-def alphas_cumprod(beta_start: float = BETA_START, beta_end: float = BETA_END,
-                   num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+def alphas_cumprod(
+    beta_start: float = BETA_START, beta_end: float = BETA_END, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> torch.Tensor:
     """abar_t for t = 0..999, with diffusers' float32 arithmetic."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -80,8 +81,12 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def sample_plms(eps_fn: EpsFn, x: torch.Tensor, sigmas: torch.Tensor,
-                callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+def sample_plms(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """PLMS from sigmas[0] to sigmas[-1] on a VE sample; eps_fn(x, sigma) predicts the noise.
 
     callback(i, x, denoised) follows each step. A step between two equal sigmas changes

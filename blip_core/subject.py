@@ -19,8 +19,10 @@ def check_category(category: str, name: str = "subject") -> str:
     if not text:
         raise ValueError(f"{name}: the category is empty; name what the image shows, e.g. 'dog'")
     if len(text) > MAX_CATEGORY_CHARS:
-        raise ValueError(f"{name}: a category of {len(text)} characters; expected a word or two, e.g. 'dog' "
-                         f"(at most {MAX_CATEGORY_CHARS} characters)")
+        raise ValueError(
+            f"{name}: a category of {len(text)} characters; expected a word or two, e.g. 'dog' "
+            f"(at most {MAX_CATEGORY_CHARS} characters)"
+        )
     return text
 
 
@@ -31,8 +33,10 @@ def check_embeds(embeds: torch.Tensor, source: str = "subject") -> None:
         kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
         raise ValueError(f"{source}: subject embeddings must be floating point, got {kind}")
     if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] != NUM_QUERY_TOKENS or embeds.shape[2] < 1:
-        raise ValueError(f"{source}: subject embeddings must have shape [views >= 1, {NUM_QUERY_TOKENS}, width], "
-                         f"got {tuple(embeds.shape)}")
+        raise ValueError(
+            f"{source}: subject embeddings must have shape [views >= 1, {NUM_QUERY_TOKENS}, width], "
+            f"got {tuple(embeds.shape)}"
+        )
     if not torch.isfinite(embeds).all():
         raise ValueError(f"{source}: subject embeddings hold NaN or infinite values")
 

@@ -53,11 +53,15 @@ def blend(a: Subject, b: Subject, ratio: float, category: str = "") -> Subject:
         raise ValueError(f"ratio must be between 0 and 1, got {ratio}")
     na, nb = a.embeds.shape[0], b.embeds.shape[0]
     if a.embeds.shape[1:] != b.embeds.shape[1:]:
-        raise ValueError(f"the subjects have embeddings of different shapes {tuple(a.embeds.shape[1:])} and "
-                         f"{tuple(b.embeds.shape[1:])}: they come from different subject encoders")
+        raise ValueError(
+            f"the subjects have embeddings of different shapes {tuple(a.embeds.shape[1:])} and "
+            f"{tuple(b.embeds.shape[1:])}: they come from different subject encoders"
+        )
     if na != nb and 1 not in (na, nb):
-        raise ValueError(f"subject_a has {na} views and subject_b {nb}: blending needs the same number of views, "
-                         "or a single view on one side")
+        raise ValueError(
+            f"subject_a has {na} views and subject_b {nb}: blending needs the same number of views, "
+            "or a single view on one side"
+        )
     # (1 - r) * a + r * b rather than a + r * (b - a): the endpoints then reproduce a and b bit for bit.
     embeds = (1.0 - ratio) * a.embeds.float() + ratio * b.embeds.float()
     # Provenance the blend still shares with both inputs (e.g. the encoder) stays; per-input facts go.

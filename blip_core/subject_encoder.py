@@ -29,7 +29,9 @@ class SubjectEncoderModel(nn.Module):
         super().__init__()
         q = config.qformer
         self.config = config
-        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size, dtype=dtype, device=device))
+        self.query_tokens = nn.Parameter(
+            torch.empty(1, config.num_query_tokens, q.hidden_size, dtype=dtype, device=device)
+        )
         self.embeddings = TextEmbeddings(q, operations, dtype, device)
         self.visual_encoder = VisionTransformer(config.vision, operations, dtype, device)
         self.encoder = QFormerEncoder(q, operations, dtype, device)
@@ -56,9 +58,15 @@ class SubjectEncoder:
         return self.model.config
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, subjects: str | list[str], preprocess: str = "squash",
-               mask: torch.Tensor | None = None, device: torch.device | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        images: torch.Tensor,
+        subjects: str | list[str],
+        preprocess: str = "squash",
+        mask: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """images [B,H,W,C] in 0..1; one category for all or one per image -> [B,16,hidden] float32."""
         pixels = preprocess_images(images, preprocess, mask)
         categories = [subjects] * pixels.shape[0] if isinstance(subjects, str) else list(subjects)
@@ -84,25 +92,34 @@ def lavis_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
             continue
         if not key.startswith("blip."):
             continue
-        key = key[len("blip."):]
+        key = key[len("blip.") :]
         if key == "query_tokens":
             out[key] = value
         elif key.startswith("Qformer.bert."):
-            key = key[len("Qformer.bert."):]
-            out[key.replace(".attention.self.", ".attention.attention.")
-                   .replace(".crossattention.self.", ".crossattention.attention.")] = value
+            key = key[len("Qformer.bert.") :]
+            out[
+                key.replace(".attention.self.", ".attention.attention.").replace(
+                    ".crossattention.self.", ".crossattention.attention."
+                )
+            ] = value
         elif key.startswith("ln_vision."):
-            out["visual_encoder.post_layernorm." + key[len("ln_vision."):]] = value
+            out["visual_encoder.post_layernorm." + key[len("ln_vision.") :]] = value
         elif key.startswith("visual_encoder."):
-            renamed = _lavis_vision_key(key[len("visual_encoder."):], value)
+            renamed = _lavis_vision_key(key[len("visual_encoder.") :], value)
             if renamed is not None:
                 out[renamed[0]] = renamed[1]
     return out
 
 
-_LAVIS_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.in_proj_weight": "self_attn.qkv.weight",
-                "attn.in_proj_bias": "self_attn.qkv.bias", "attn.out_proj": "self_attn.projection",
-                "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_LAVIS_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.in_proj_weight": "self_attn.qkv.weight",
+    "attn.in_proj_bias": "self_attn.qkv.bias",
+    "attn.out_proj": "self_attn.projection",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def _lavis_vision_key(key: str, value: torch.Tensor):
@@ -114,12 +131,12 @@ def _lavis_vision_key(key: str, value: torch.Tensor):
     if key == "conv1.weight":
         return prefix + "embeddings.patch_embedding.weight", value
     if key.startswith("ln_pre."):
-        return prefix + "pre_layernorm." + key[len("ln_pre."):], value
+        return prefix + "pre_layernorm." + key[len("ln_pre.") :], value
     if key.startswith("transformer.resblocks."):
-        index, rest = key[len("transformer.resblocks."):].split(".", 1)
+        index, rest = key[len("transformer.resblocks.") :].split(".", 1)
         for old, new in _LAVIS_BLOCK.items():
             if rest.startswith(old):
-                return f"{prefix}encoder.layers.{index}.{new}{rest[len(old):]}", value
+                return f"{prefix}encoder.layers.{index}.{new}{rest[len(old) :]}", value
     return None
 
 
@@ -127,13 +144,21 @@ def _resolve_qformer(path: Path) -> tuple[Path, Path]:
     """(config.json, weights) for a BLIP-Diffusion folder or its `qformer/` folder."""
     folder = path / QFORMER.folder if (path / QFORMER.folder).is_dir() else path
     if not (folder / CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a BLIP-Diffusion model folder: expected {QFORMER.folder}/{CONFIG} "
-                                f"and {QFORMER.folder}/{QFORMER.weights[0]} (or {QFORMER.weights[1]}) inside it")
+        raise FileNotFoundError(
+            f"{path} is not a BLIP-Diffusion model folder: expected {QFORMER.folder}/{CONFIG} "
+            f"and {QFORMER.folder}/{QFORMER.weights[0]} (or {QFORMER.weights[1]}) inside it"
+        )
     return folder / CONFIG, QFORMER.weights_in(folder, path.name)
 
 
-def load_subject_encoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                         operations=nn, config: SubjectEncoderConfig | None = None, progress=None) -> SubjectEncoder:
+def load_subject_encoder(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    operations=nn,
+    config: SubjectEncoderConfig | None = None,
+    progress=None,
+) -> SubjectEncoder:
     """Load from a BLIP-Diffusion folder (diffusers layout), its `qformer/` folder, or a single weights file.
 
     A single file may hold the released key layout or an original LAVIS checkpoint; it uses

@@ -33,8 +33,12 @@ def save_subject(subject: Subject, path: str | Path) -> None:
     clashes = sorted(set(subject.metadata) & set(RESERVED))
     if clashes:
         raise ValueError(f"subject: metadata keys {clashes} are reserved for the file format")
-    metadata = {"format": FORMAT, "version": VERSION, "category": subject.category,
-                **{k: str(v) for k, v in subject.metadata.items()}}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "category": subject.category,
+        **{k: str(v) for k, v in subject.metadata.items()},
+    }
     embeds = subject.embeds.detach().to("cpu", torch.float32).contiguous()
     save_file({"embeds": embeds}, str(path), metadata=metadata)
 
@@ -48,14 +52,20 @@ def load_subject(path: str | Path) -> Subject:
         with safe_open(str(path), "pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path.name} is not a BLIP-Diffusion subject file: expected metadata "
-                                 f"format={FORMAT!r}, as written by {WRITERS}")
+                raise ValueError(
+                    f"{path.name} is not a BLIP-Diffusion subject file: expected metadata "
+                    f"format={FORMAT!r}, as written by {WRITERS}"
+                )
             if metadata.get("version") != VERSION:
-                raise ValueError(f"{path.name} is a subject file of format version {metadata.get('version')!r}; "
-                                 f"this pack reads version {VERSION!r} (a newer pack wrote it? update this one)")
+                raise ValueError(
+                    f"{path.name} is a subject file of format version {metadata.get('version')!r}; "
+                    f"this pack reads version {VERSION!r} (a newer pack wrote it? update this one)"
+                )
             if "embeds" not in f.keys():
-                raise ValueError(f"{path.name}: a subject file of version {VERSION} needs an 'embeds' tensor; "
-                                 f"it holds {sorted(f.keys())}")
+                raise ValueError(
+                    f"{path.name}: a subject file of version {VERSION} needs an 'embeds' tensor; "
+                    f"it holds {sorted(f.keys())}"
+                )
             embeds = f.get_tensor("embeds")
     except SafetensorError as e:
         raise ValueError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
@@ -79,16 +89,23 @@ def read_lavis_ctx_cache(path: str | Path) -> torch.Tensor:
         data = data["model"]
     cache = data.get("ctx_embeddings_cache") if isinstance(data, dict) else data
     if not isinstance(cache, torch.Tensor):
-        raise ValueError(f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
-                         "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt")
+        raise ValueError(
+            f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
+            "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt"
+        )
     check_embeds(cache, str(path))
     if not cache.any():
         # LAVIS initialises the cache to zeros; only fine-tuning fills it.
-        raise ValueError(f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject")
+        raise ValueError(
+            f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject"
+        )
     return cache.float()
 
 
 def subject_from_lavis(path: str | Path, category: str) -> Subject:
     """A LAVIS fine-tuned subject (its cached embeddings) as a Subject named `category`."""
-    return Subject(read_lavis_ctx_cache(path), check_category(category, "category"),
-                   {"source": "LAVIS ctx_embeddings_cache", "checkpoint": Path(path).name})
+    return Subject(
+        read_lavis_ctx_cache(path),
+        check_category(category, "category"),
+        {"source": "LAVIS ctx_embeddings_cache", "checkpoint": Path(path).name},
+    )

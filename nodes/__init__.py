@@ -20,8 +20,10 @@ def available_nodes() -> list[type[io.ComfyNode]]:
     # find_spec, not import: controlnet-aux is slow to import and only needed when an edge node runs.
     if importlib.util.find_spec("controlnet_aux") is None:
         names = ", ".join(node.define_schema().display_name for node in control.EDGE_NODES)
-        logging.warning(f"BLIP-Diffusion: controlnet-aux is not installed, so these nodes are disabled: {names}. "
-                        "Install it with `pip install controlnet-aux` and restart ComfyUI; the other nodes work.")
+        logging.warning(
+            f"BLIP-Diffusion: controlnet-aux is not installed, so these nodes are disabled: {names}. "
+            "Install it with `pip install controlnet-aux` and restart ComfyUI; the other nodes work."
+        )
         nodes = [node for node in nodes if node not in control.EDGE_NODES]
     disabled = compat.disabled_nodes()
     return [node for node in nodes if node.define_schema().node_id not in disabled]

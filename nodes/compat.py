@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import comfy.controlnet
 import comfy.ldm.modules.attention as attention
 import comfy.model_detection
@@ -37,6 +35,7 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 import latent_preview
+import torch
 from comfy.cli_args import args
 
 from ..blip_core.layout import WEIGHT_SUFFIXES
@@ -56,6 +55,7 @@ CONTROLNET_LOADER = ("BlipDiffusionControlNetLoader",)
 
 # --- the checks ------------------------------------------------------------------------------------
 
+
 def _has_methods(*names: str) -> Callable[[object], bool]:
     return lambda cls: all(callable(getattr(cls, n, None)) for n in names)
 
@@ -67,8 +67,17 @@ def _has_parameters(*names: str) -> Callable[[object], bool]:
 def _controlnet_fields(cls) -> bool:
     """The attributes the reference hint policy reads and writes on a ControlNet instance."""
     net = cls()  # no control model: nothing is built
-    return all(hasattr(net, n) for n in ("cond_hint_original", "compression_ratio", "vae", "strength",
-                                         "timestep_percent_range", "previous_controlnet"))
+    return all(
+        hasattr(net, n)
+        for n in (
+            "cond_hint_original",
+            "compression_ratio",
+            "vae",
+            "strength",
+            "timestep_percent_range",
+            "previous_controlnet",
+        )
+    )
 
 
 def _token_layout(cls) -> bool:
@@ -102,8 +111,11 @@ class Requirement:
 
 
 REQUIREMENTS = (
-    Requirement("folder_paths:add_model_folder_path", LOADER + CONTROLNET_LOADER, _has_parameters("folder_name",
-                                                                                                  "full_folder_path")),
+    Requirement(
+        "folder_paths:add_model_folder_path",
+        LOADER + CONTROLNET_LOADER,
+        _has_parameters("folder_name", "full_folder_path"),
+    ),
     Requirement("folder_paths:folder_names_and_paths", LOADER + CONTROLNET_LOADER),
     Requirement("comfy.sd:load_diffusion_model_state_dict", LOADER),
     Requirement("comfy.sd:load_text_encoder_state_dicts", LOADER, _has_parameters("state_dicts", "clip_type")),
@@ -113,8 +125,14 @@ REQUIREMENTS = (
     Requirement("comfy.utils:unet_to_diffusers", LOADER + CONTROLNET_LOADER),
     Requirement("comfy.controlnet:load_controlnet_state_dict", CONTROLNET_LOADER),
     Requirement("comfy.model_detection:unet_config_from_diffusers_unet", CONTROLNET_LOADER),
-    Requirement("comfy.controlnet:ControlNet", CONTROLNET_APPLY, lambda cls: _has_methods(
-        "get_control", "copy", "cleanup", "set_cond_hint", "set_previous_controlnet")(cls) and _controlnet_fields(cls)),
+    Requirement(
+        "comfy.controlnet:ControlNet",
+        CONTROLNET_APPLY,
+        lambda cls: (
+            _has_methods("get_control", "copy", "cleanup", "set_cond_hint", "set_previous_controlnet")(cls)
+            and _controlnet_fields(cls)
+        ),
+    ),
     Requirement("comfy.samplers:KSamplerX0Inpaint", SAMPLERS, _has_parameters("model", "sigmas")),
     Requirement("comfy.samplers:Sampler", SAMPLERS, _has_methods("sample")),
     Requirement("comfy.samplers:sampler_object", SAMPLERS),
@@ -144,10 +162,15 @@ def disabled_nodes() -> dict[str, list[str]]:
         problem = problems().get(requirement.symbol)
         if problem is None:
             continue
-        cost = (f"disabled nodes: {', '.join(requirement.nodes)}" if requirement.nodes
-                else "an optimisation is skipped; every node works")
-        logging.warning(f"BLIP-Diffusion: ComfyUI {COMFYUI_VERSION}: {requirement.symbol} {problem}; {cost}. "
-                        "A BLIP-Diffusion update for this ComfyUI version restores them; the other nodes work.")
+        cost = (
+            f"disabled nodes: {', '.join(requirement.nodes)}"
+            if requirement.nodes
+            else "an optimisation is skipped; every node works"
+        )
+        logging.warning(
+            f"BLIP-Diffusion: ComfyUI {COMFYUI_VERSION}: {requirement.symbol} {problem}; {cost}. "
+            "A BLIP-Diffusion update for this ComfyUI version restores them; the other nodes work."
+        )
         for node in requirement.nodes:
             disabled.setdefault(node, []).append(requirement.symbol)
     return disabled
@@ -158,6 +181,7 @@ def available(symbol: str) -> bool:
 
 
 # --- model folders -------------------------------------------------------------------------------
+
 
 def register_model_folder(kind: str) -> None:
     """models/<kind> first among the folders of `kind`, keeping extra paths from extra_model_paths.yaml."""
@@ -202,8 +226,9 @@ def text_encoder_devices() -> tuple[torch.device, torch.device]:
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bfloat16 matrix work runs natively (about 2x float32), not emulated.
     torch only has private probes for it; without them the answer is no (float32 then)."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                         "_is_amx_tile_supported"))
+    return any(
+        getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def text_encoder_dtype(device: torch.device) -> torch.dtype | None:
@@ -217,6 +242,7 @@ def text_encoder_dtype(device: torch.device) -> torch.dtype | None:
 
 # --- UNet, CLIP and VAE from the released layout ------------------------------------------------------
 
+
 def ldm_unet_config(cfg: dict) -> dict:
     """ComfyUI's (LDM) UNet config for a diffusers UNet2DConditionModel config."""
     widths = list(cfg["block_out_channels"])
@@ -225,13 +251,22 @@ def ldm_unet_config(cfg: dict) -> dict:
     attn = [1 if "CrossAttn" in t else 0 for t in cfg["down_block_types"]]
     heads = cfg.get("attention_head_dim", 8)
     return {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
-        "in_channels": cfg.get("in_channels", 4), "out_channels": cfg.get("out_channels", 4),
-        "model_channels": widths[0], "channel_mult": [w // widths[0] for w in widths], "num_res_blocks": layers,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "in_channels": cfg.get("in_channels", 4),
+        "out_channels": cfg.get("out_channels", 4),
+        "model_channels": widths[0],
+        "channel_mult": [w // widths[0] for w in widths],
+        "num_res_blocks": layers,
         "transformer_depth": [a for a, n in zip(attn, layers) for _ in range(n)],
         "transformer_depth_output": [a for a, n in zip(attn, layers) for _ in range(n + 1)],
-        "transformer_depth_middle": 1, "context_dim": cfg.get("cross_attention_dim", 768),
+        "transformer_depth_middle": 1,
+        "context_dim": cfg.get("cross_attention_dim", 768),
         "num_heads": heads if isinstance(heads, int) else heads[0],
         "use_linear_in_transformer": cfg.get("use_linear_projection", False),
     }
@@ -276,23 +311,29 @@ class UNetKind:
 
 def load_unet(ldm_state_dict: dict, dtype: torch.dtype | None):
     """A MODEL from LDM-keyed UNet weights, and what ComfyUI recognised; (None, None) if it recognised nothing."""
-    model = comfy.sd.load_diffusion_model_state_dict(dict(ldm_state_dict),
-                                                     model_options={"dtype": dtype} if dtype else {})
+    model = comfy.sd.load_diffusion_model_state_dict(
+        dict(ldm_state_dict), model_options={"dtype": dtype} if dtype else {}
+    )
     if model is None:
         return None, None
     config = model.model.model_config
-    kind = UNetKind(type(config).__name__, config.unet_config.get("context_dim"),
-                    isinstance(config, comfy.supported_models.SD15),
-                    sorted(set(model.model.diffusion_model.state_dict()) - set(ldm_state_dict)))
+    kind = UNetKind(
+        type(config).__name__,
+        config.unet_config.get("context_dim"),
+        isinstance(config, comfy.supported_models.SD15),
+        sorted(set(model.model.diffusion_model.state_dict()) - set(ldm_state_dict)),
+    )
     return model, kind
 
 
 def load_clip(state_dict: dict):
     """A CLIP (SD-1.5 type) and the tensors its CLIP-L lacks from `state_dict`; (clip, None) when ComfyUI
     made something else of it."""
-    clip = comfy.sd.load_text_encoder_state_dicts([dict(state_dict)],
-                                                  embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                                                  clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    clip = comfy.sd.load_text_encoder_state_dicts(
+        [dict(state_dict)],
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+    )
     encoder = getattr(clip.cond_stage_model, "clip_l", None)
     if encoder is None:
         return clip, None
@@ -310,6 +351,7 @@ def load_vae(state_dict: dict):
 
 
 # --- ControlNet ------------------------------------------------------------------------------------
+
 
 def is_diffusers_controlnet(state_dict: dict) -> bool:
     return "controlnet_cond_embedding.conv_in.weight" in state_dict
@@ -354,8 +396,10 @@ class _ReferenceHint:
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         latents, hints = x_noisy.shape[0] // batched_number, self.hint_source.shape[0]
         if hints not in (1, latents):
-            raise ValueError(f"BlipDiffusionControlNetApply: image is a batch of {hints} control images but the "
-                             f"sampler has {latents} latents; give 1 control image (for all) or one per latent")
+            raise ValueError(
+                f"BlipDiffusionControlNetApply: image is a batch of {hints} control images but the "
+                f"sampler has {latents} latents; give 1 control image (for all) or one per latent"
+            )
         ratio = self.compression_ratio * (self.vae.spacial_compression_encode() if self.vae is not None else 1)
         height, width = x_noisy.shape[-2] * ratio, x_noisy.shape[-1] * ratio
         if tuple(self.cond_hint_original.shape[-2:]) != (height, width):
@@ -377,8 +421,15 @@ def _with_reference_hint(cls: type) -> type:
     return type(f"ReferenceHint{cls.__name__}", (_ReferenceHint, cls), {})
 
 
-def attach_controlnet(control_net, hint: torch.Tensor, strength: float, window: tuple[float, float], vae, previous,
-                      resize: Callable[[torch.Tensor, int, int], torch.Tensor]):
+def attach_controlnet(
+    control_net,
+    hint: torch.Tensor,
+    strength: float,
+    window: tuple[float, float],
+    vae,
+    previous,
+    resize: Callable[[torch.Tensor, int, int], torch.Tensor],
+):
     """A copy of `control_net` with its hint (chained after `previous`), as ControlNetApplyAdvanced attaches one,
     except that a ControlNet's hint is resized by `resize(hint [B,3,H,W], height, width)` at sampling time.
     T2I-Adapters keep ComfyUI's own hint scaling."""
@@ -390,6 +441,7 @@ def attach_controlnet(control_net, hint: torch.Tensor, strength: float, window: 
 
 
 # --- CLIP tokens ------------------------------------------------------------------------------------
+
 
 def clip_encoders(clip) -> list[str]:
     """The text encoders of a CLIP by their token keys (SD-1.5: ["l"])."""
@@ -411,6 +463,7 @@ def encode_clip_l_tokens(clip, chunks: list[list[tuple]]) -> list:
 
 
 # --- sampling ----------------------------------------------------------------------------------------
+
 
 def sampler_names() -> list[str]:
     return list(comfy.samplers.KSampler.SAMPLERS)
@@ -439,21 +492,33 @@ def check_reference_schedule(model_wrap, sampler: str) -> None:
     `model_wrap` is what ComfyUI hands a SAMPLER (its guider)."""
     sampling = model_wrap.inner_model.model_sampling
     kind = type(sampling).__name__
-    if (not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION)
-            or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)
-            or isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteEDM)):
-        raise ValueError(f"{sampler}: model: the reference samplers need an epsilon-prediction model on a discrete "
-                         f"schedule (SD-1.5, as BLIP-Diffusion); this model samples with {kind} ({_prediction(sampling)}). "
-                         "Use one of ComfyUI's samplers with it, or remove the node that changed its sampling")
+    if (
+        not isinstance(sampling, comfy.model_sampling.EPS)
+        or isinstance(sampling, comfy.model_sampling.V_PREDICTION)
+        or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)
+        or isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteEDM)
+    ):
+        raise ValueError(
+            f"{sampler}: model: the reference samplers need an epsilon-prediction model on a discrete "
+            f"schedule (SD-1.5, as BLIP-Diffusion); this model samples with {kind} ({_prediction(sampling)}). "
+            "Use one of ComfyUI's samplers with it, or remove the node that changed its sampling"
+        )
     expected = reference_sigmas(1000)[:-1].flip(0)  # sigma(t) for t = 0..999
-    if sampling.sigmas.shape != expected.shape or not torch.allclose(sampling.sigmas.float().cpu(), expected, rtol=1e-4):
-        raise ValueError(f"{sampler}: model: its noise schedule is not SD-1.5's (scaled linear betas 0.00085-0.012), "
-                         "which the reference samplers assume; use one of ComfyUI's samplers with it")
+    if sampling.sigmas.shape != expected.shape or not torch.allclose(
+        sampling.sigmas.float().cpu(), expected, rtol=1e-4
+    ):
+        raise ValueError(
+            f"{sampler}: model: its noise schedule is not SD-1.5's (scaled linear betas 0.00085-0.012), "
+            "which the reference samplers assume; use one of ComfyUI's samplers with it"
+        )
 
 
 def _prediction(sampling) -> str:
-    for cls, name in ((comfy.model_sampling.V_PREDICTION, "v-prediction"), (comfy.model_sampling.EPS, "epsilon"),
-                      (comfy.model_sampling.CONST, "flow / constant")):
+    for cls, name in (
+        (comfy.model_sampling.V_PREDICTION, "v-prediction"),
+        (comfy.model_sampling.EPS, "epsilon"),
+        (comfy.model_sampling.CONST, "flow / constant"),
+    ):
         if isinstance(sampling, cls):
             return name
     return "another prediction type"
@@ -477,9 +542,20 @@ def prepare_noise(latent: torch.Tensor, seed: int, batch_index) -> torch.Tensor:
 def sample(model, noise, cfg, sampler, sigmas, positive, negative, latent, noise_mask, seed: int) -> torch.Tensor:
     """ComfyUI's sampling with CFG, ControlNet, previews, a progress bar and cancel."""
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                      noise_mask=noise_mask, callback=callback,
-                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return comfy.sample.sample_custom(
+        model,
+        noise,
+        cfg,
+        sampler,
+        sigmas,
+        positive,
+        negative,
+        latent,
+        noise_mask=noise_mask,
+        callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
 
 
 def _pytorch_attention(func, *args, **kwargs):
@@ -490,8 +566,9 @@ def prefer_pytorch_attention(model_options: dict, device: torch.device) -> None:
     """Use PyTorch's scaled-dot-product attention where ComfyUI fell back to its chunked sub-quadratic
     attention on the CPU (no attention flag given): there PyTorch's kernel is memory-efficient too,
     and a whole image is about 5 % faster (bench/run.py)."""
-    if not all(available(f"comfy.ldm.modules.attention:{n}") for n in ("wrap_attn", "attention_pytorch",
-                                                                        "attention_sub_quad")):
+    if not all(
+        available(f"comfy.ldm.modules.attention:{n}") for n in ("wrap_attn", "attention_pytorch", "attention_sub_quad")
+    ):
         return
     fallback = attention.optimized_attention is attention.attention_sub_quad and not args.use_quad_cross_attention
     if fallback and mm.is_device_cpu(device):

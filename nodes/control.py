@@ -24,8 +24,10 @@ from .api import CATEGORY, io
 from .models import load_controlnet
 
 HED_FILE = "ControlNetHED.pth"
-RESOLUTION_TIP = "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), " \
-                 "and so is the output."
+RESOLUTION_TIP = (
+    "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), "
+    "and so is the output."
+)
 
 
 def reference_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -37,9 +39,11 @@ def check_architecture(control_net, conditionings: list) -> None:
     width = compat.controlnet_context_width(control_net)
     for cond, _ in conditionings:
         if width is not None and cond.shape[-1] != width:
-            raise ValueError(f"BlipDiffusionControlNetApply: control_net cross-attends to {width}-wide text "
-                             f"embeddings but the conditioning is {cond.shape[-1]} wide (BLIP-Diffusion and "
-                             "SD-1.5: 768); load an SD-1.5 ControlNet, not one for another architecture (SDXL: 2048)")
+            raise ValueError(
+                f"BlipDiffusionControlNetApply: control_net cross-attends to {width}-wide text "
+                f"embeddings but the conditioning is {cond.shape[-1]} wide (BLIP-Diffusion and "
+                "SD-1.5: 768); load an SD-1.5 ControlNet, not one for another architecture (SDXL: 2048)"
+            )
 
 
 class BlipDiffusionControlNetApply(io.ComfyNode):
@@ -50,38 +54,76 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
             display_name="BLIP-Diffusion Apply ControlNet",
             category=f"{CATEGORY}/control",
             description="Adds structure control (edges, scribbles, any SD-1.5 ControlNet) to both the positive and "
-                        "negative conditioning, as the reference does. Chains with earlier ControlNets, including "
-                        "ComfyUI's Apply ControlNet. A control image of another size than the output is resized "
-                        "like the reference (bicubic, squashed to the output size).",
+            "negative conditioning, as the reference does. Chains with earlier ControlNets, including "
+            "ComfyUI's Apply ControlNet. A control image of another size than the output is resized "
+            "like the reference (bicubic, squashed to the output size).",
             inputs=[
-                io.Conditioning.Input("positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning; it gets the same control."),
-                io.ControlNet.Input("control_net", tooltip="From the BLIP-Diffusion ControlNet Loader or ComfyUI's "
-                                                           "Load ControlNet Model (an SD-1.5 ControlNet)."),
-                io.Image.Input("image", tooltip="The control image, e.g. from BLIP-Diffusion Canny Edges or HED Edges. "
-                                                "1 image, or one per latent. Gray is used as RGB; alpha is ignored."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="Scales the ControlNet's residuals (the reference: 1.0). 0 = no control."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Where in the denoising the control starts (0 = first step, as the reference)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Where the control stops (1 = last step, as the reference)."),
-                io.Vae.Input("vae", optional=True,
-                             tooltip="Only for ControlNets that work on latents (not SD-1.5 ones): the VAE to encode "
-                                     "the control image."),
+                io.Conditioning.Input(
+                    "positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."
+                ),
+                io.Conditioning.Input(
+                    "negative", tooltip="The negative prompt's conditioning; it gets the same control."
+                ),
+                io.ControlNet.Input(
+                    "control_net",
+                    tooltip="From the BLIP-Diffusion ControlNet Loader or ComfyUI's "
+                    "Load ControlNet Model (an SD-1.5 ControlNet).",
+                ),
+                io.Image.Input(
+                    "image",
+                    tooltip="The control image, e.g. from BLIP-Diffusion Canny Edges or HED Edges. "
+                    "1 image, or one per latent. Gray is used as RGB; alpha is ignored.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Scales the ControlNet's residuals (the reference: 1.0). 0 = no control.",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Where in the denoising the control starts (0 = first step, as the reference).",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Where the control stops (1 = last step, as the reference).",
+                ),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="Only for ControlNets that work on latents (not SD-1.5 ones): the VAE to encode "
+                    "the control image.",
+                ),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the ControlNet attached."),
-                io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning with the ControlNet attached."),
+                io.Conditioning.Output(
+                    display_name="positive", tooltip="Positive conditioning with the ControlNet attached."
+                ),
+                io.Conditioning.Output(
+                    display_name="negative", tooltip="Negative conditioning with the ControlNet attached."
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, positive, negative, control_net, image, strength: float, start_percent: float,
-                end_percent: float, vae=None) -> io.NodeOutput:
+    def execute(
+        cls, positive, negative, control_net, image, strength: float, start_percent: float, end_percent: float, vae=None
+    ) -> io.NodeOutput:
         if start_percent > end_percent:
-            raise ValueError(f"BlipDiffusionControlNetApply: start_percent {start_percent} is after end_percent "
-                             f"{end_percent}; the ControlNet would never run")
+            raise ValueError(
+                f"BlipDiffusionControlNetApply: start_percent {start_percent} is after end_percent "
+                f"{end_percent}; the ControlNet would never run"
+            )
         if strength == 0:  # exactly no control, as ComfyUI's Apply ControlNet
             return io.NodeOutput(positive, negative)
         check_architecture(control_net, positive + negative)
@@ -95,9 +137,9 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
             for cond, extra in conditioning:
                 previous = extra.get("control")
                 if previous not in attached:
-                    attached[previous] = compat.attach_controlnet(control_net, hint, strength,
-                                                                  (start_percent, end_percent), vae, previous,
-                                                                  reference_hint)
+                    attached[previous] = compat.attach_controlnet(
+                        control_net, hint, strength, (start_percent, end_percent), vae, previous, reference_hint
+                    )
                 out.append([cond, {**extra, "control": attached[previous], "control_apply_to_uncond": False}])
             outputs.append(out)
         return io.NodeOutput(*outputs)
@@ -111,12 +153,15 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
             display_name="BLIP-Diffusion ControlNet Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the ControlNet of a BLIP-Diffusion folder (its controlnet/, as in "
-                        "Salesforce/blipdiffusion-controlnet), or any ControlNet in models/controlnet.",
+            "Salesforce/blipdiffusion-controlnet), or any ControlNet in models/controlnet.",
             inputs=[
-                io.Combo.Input("model_name", options=paths.controlnet_entries(),
-                               tooltip="A BLIP-Diffusion folder in models/blip_diffusion with a controlnet/ "
-                                       "(its canny ControlNet), or a file in models/controlnet: diffusers format "
-                                       "(with its config.json beside it) or a single-file ControlNet."),
+                io.Combo.Input(
+                    "model_name",
+                    options=paths.controlnet_entries(),
+                    tooltip="A BLIP-Diffusion folder in models/blip_diffusion with a controlnet/ "
+                    "(its canny ControlNet), or a file in models/controlnet: diffusers format "
+                    "(with its config.json beside it) or a single-file ControlNet.",
+                ),
             ],
             outputs=[io.ControlNet.Output(display_name="control_net", tooltip="For BLIP-Diffusion Apply ControlNet.")],
         )
@@ -126,8 +171,12 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
         if model_name is None or paths.release_with_controlnet(model_name) is not None:
             return True
         expected = "is neither a BLIP-Diffusion folder with controlnet/config.json nor a ControlNet file"
-        return paths.entry_error("model_name", model_name, paths.CONTROLNETS, "ControlNet", paths.is_weights_file,
-                                 expected) or True
+        return (
+            paths.entry_error(
+                "model_name", model_name, paths.CONTROLNETS, "ControlNet", paths.is_weights_file, expected
+            )
+            or True
+        )
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
@@ -152,13 +201,23 @@ class BlipDiffusionCannyEdges(io.ComfyNode):
             display_name="BLIP-Diffusion Canny Edges",
             category=f"{CATEGORY}/control",
             description="Canny edge map for a canny ControlNet (controlnet-aux's CannyDetector, as the reference's "
-                        "example uses it). Dense edges (low thresholds) work best for stylization.",
+            "example uses it). Dense edges (low thresholds) work best for stylization.",
             inputs=[
                 io.Image.Input("image", tooltip="The photo whose structure to keep. Alpha is composited over white."),
-                io.Int.Input("low_threshold", default=30, min=0, max=255,
-                             tooltip="Canny's lower hysteresis threshold (0-255); the reference example uses 30."),
-                io.Int.Input("high_threshold", default=70, min=0, max=255,
-                             tooltip="Canny's upper hysteresis threshold (0-255); the reference example uses 70."),
+                io.Int.Input(
+                    "low_threshold",
+                    default=30,
+                    min=0,
+                    max=255,
+                    tooltip="Canny's lower hysteresis threshold (0-255); the reference example uses 30.",
+                ),
+                io.Int.Input(
+                    "high_threshold",
+                    default=70,
+                    min=0,
+                    max=255,
+                    tooltip="Canny's upper hysteresis threshold (0-255); the reference example uses 70.",
+                ),
                 io.Int.Input("resolution", default=512, min=64, max=16384, step=64, tooltip=RESOLUTION_TIP),
             ],
             outputs=[io.Image.Output(display_name="edges", tooltip="White edges on black, RGB.")],
@@ -169,8 +228,14 @@ class BlipDiffusionCannyEdges(io.ComfyNode):
         from controlnet_aux.canny import CannyDetector  # heavy (controlnet-aux imports all its detectors)
 
         canny = CannyDetector()
-        return io.NodeOutput(detect_each(image, lambda pixels: canny(
-            pixels, low_threshold, high_threshold, detect_resolution=resolution, image_resolution=resolution)))
+        return io.NodeOutput(
+            detect_each(
+                image,
+                lambda pixels: canny(
+                    pixels, low_threshold, high_threshold, detect_resolution=resolution, image_resolution=resolution
+                ),
+            )
+        )
 
 
 def hed_weights(annotator: str) -> Path:
@@ -180,8 +245,10 @@ def hed_weights(annotator: str) -> Path:
         return path
     found = sorted(path.rglob(HED_FILE))
     if not found:
-        raise FileNotFoundError(f"annotator {annotator!r}: no {HED_FILE} in {path}; download {HED_FILE} from the "
-                                f"lllyasviel/Annotators repository and put it in that folder")
+        raise FileNotFoundError(
+            f"annotator {annotator!r}: no {HED_FILE} in {path}; download {HED_FILE} from the "
+            f"lllyasviel/Annotators repository and put it in that folder"
+        )
     return found[0]
 
 
@@ -202,16 +269,24 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
             display_name="BLIP-Diffusion HED Edges",
             category=f"{CATEGORY}/control",
             description="Soft HED edges, or a scribble made from them, for an HED or scribble ControlNet "
-                        f"(controlnet-aux's HEDdetector with {HED_FILE} from models/annotators; nothing is downloaded).",
+            f"(controlnet-aux's HEDdetector with {HED_FILE} from models/annotators; nothing is downloaded).",
             inputs=[
                 io.Image.Input("image", tooltip="The photo whose structure to keep. Alpha is composited over white."),
-                io.Combo.Input("annotator", options=paths.annotator_entries(),
-                               tooltip=f"A folder in models/annotators holding {HED_FILE} (from lllyasviel/Annotators), "
-                                       "or the file itself."),
-                io.Boolean.Input("scribble", default=False,
-                                 tooltip="Thin the edges into binary scribble lines. Off: soft HED edges, which is what "
-                                         "the reference's scribble example feeds the scribble ControlNet."),
-                io.Boolean.Input("safe", default=False, tooltip="Quantize the edge strengths to fewer levels (HED safe mode)."),
+                io.Combo.Input(
+                    "annotator",
+                    options=paths.annotator_entries(),
+                    tooltip=f"A folder in models/annotators holding {HED_FILE} (from lllyasviel/Annotators), "
+                    "or the file itself.",
+                ),
+                io.Boolean.Input(
+                    "scribble",
+                    default=False,
+                    tooltip="Thin the edges into binary scribble lines. Off: soft HED edges, which is what "
+                    "the reference's scribble example feeds the scribble ControlNet.",
+                ),
+                io.Boolean.Input(
+                    "safe", default=False, tooltip="Quantize the edge strengths to fewer levels (HED safe mode)."
+                ),
                 io.Int.Input("resolution", default=512, min=64, max=16384, step=64, tooltip=RESOLUTION_TIP),
             ],
             outputs=[io.Image.Output(display_name="edges", tooltip="White edges on black, RGB.")],
@@ -228,9 +303,19 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
     @classmethod
     def execute(cls, image, annotator: str, scribble: bool, safe: bool, resolution: int) -> io.NodeOutput:
         hed = load_hed(hed_weights(annotator))
-        return io.NodeOutput(detect_each(image, lambda pixels: hed(
-            pixels, detect_resolution=resolution, image_resolution=resolution, safe=safe, scribble=scribble,
-            output_type="np")))
+        return io.NodeOutput(
+            detect_each(
+                image,
+                lambda pixels: hed(
+                    pixels,
+                    detect_resolution=resolution,
+                    image_resolution=resolution,
+                    safe=safe,
+                    scribble=scribble,
+                    output_type="np",
+                ),
+            )
+        )
 
 
 EDGE_NODES = [BlipDiffusionCannyEdges, BlipDiffusionHEDEdges]  # the nodes that need controlnet-aux

@@ -44,13 +44,17 @@ def load_unet(folder: Path, dtype: torch.dtype | None):
     ldm = diffusers_to_ldm(read_state_dict(path), mapping, path)
     model, kind = compat.load_unet(ldm, dtype)
     if model is None:
-        raise ValueError(f"{path}: ComfyUI does not recognise this UNet as SD-1.5 (BLIP-Diffusion needs width 320 "
-                         "and a 768-wide cross-attention context)")
+        raise ValueError(
+            f"{path}: ComfyUI does not recognise this UNet as SD-1.5 (BLIP-Diffusion needs width 320 "
+            "and a 768-wide cross-attention context)"
+        )
     # ComfyUI happily loads e.g. an SD-2 UNet from these keys; the subject vectors are 768-wide CLIP-L tokens.
     if not kind.is_sd15 or kind.context_dim != 768:
-        raise ValueError(f"{path}: ComfyUI reads this UNet as {kind.config_name} (cross-attention context "
-                         f"{kind.context_dim}); BLIP-Diffusion needs an SD-1.5 UNet (width 320, context 768) as in "
-                         "the release")
+        raise ValueError(
+            f"{path}: ComfyUI reads this UNet as {kind.config_name} (cross-attention context "
+            f"{kind.context_dim}); BLIP-Diffusion needs an SD-1.5 UNet (width 320, context 768) as in "
+            "the release"
+        )
     if kind.missing:
         raise ValueError(f"{path} lacks weights the UNet needs: {kind.missing[:3]} ({len(kind.missing)} in all)")
     return model
@@ -77,8 +81,10 @@ def load_vae(folder: Path):
     path = VAE.weights_file(folder)
     vae = compat.load_vae(read_state_dict(path))
     if vae is None:  # ComfyUI's own message blames a checkpoint loader node
-        raise ValueError(f"{path} holds no VAE that ComfyUI recognises: expected the SD-1.5 VAE (AutoencoderKL) "
-                         f"as in the release's {VAE.folder}/")
+        raise ValueError(
+            f"{path} holds no VAE that ComfyUI recognises: expected the SD-1.5 VAE (AutoencoderKL) "
+            f"as in the release's {VAE.folder}/"
+        )
     return vae
 
 
@@ -92,8 +98,10 @@ def load_controlnet(path: Path):
         mapping = compat.controlnet_key_mapping(read_config(path.parent / CONFIG, path.parent.parent.name), state_dict)
         state_dict = diffusers_to_ldm(state_dict, mapping, path, "an SD-1.5-style ControlNet")
     elif diffusers and not compat.comfy_knows_diffusers_controlnet(state_dict):
-        raise ValueError(f"{path}: a diffusers ControlNet of a shape ComfyUI does not know by itself; put its "
-                         f"{CONFIG} next to it (expected {path.parent / CONFIG})")
+        raise ValueError(
+            f"{path}: a diffusers ControlNet of a shape ComfyUI does not know by itself; put its "
+            f"{CONFIG} next to it (expected {path.parent / CONFIG})"
+        )
     # ComfyUI's own loader turns on global average pooling for shuffle ControlNets by file name
     net = compat.load_controlnet(state_dict, global_average_pooling=path.stem.endswith(("_shuffle", "_shuffle_fp16")))
     if net is None:

@@ -38,8 +38,13 @@ def model_folders() -> list[str]:
 
 def encoder_entries() -> list[str]:
     """Model folders (their qformer/ is used) and single subject-encoder weight files."""
-    files = {p.name for root in roots() if root.is_dir() for p in root.iterdir()
-             if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES}
+    files = {
+        p.name
+        for root in roots()
+        if root.is_dir()
+        for p in root.iterdir()
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+    }
     return sorted(_folders_holding(f"{QFORMER.folder}/{CONFIG}") | files)
 
 
@@ -118,8 +123,10 @@ def prefix_error(prefix: str | None) -> str | None:
     if prefix is None:
         return None
     if escapes(prefix):
-        return (f"filename_prefix {prefix!r}: expected a name inside the output folder, optionally with "
-                "subfolders, e.g. 'blip_diffusion/subjects/cat'")
+        return (
+            f"filename_prefix {prefix!r}: expected a name inside the output folder, optionally with "
+            "subfolders, e.g. 'blip_diffusion/subjects/cat'"
+        )
     return None
 
 
@@ -140,10 +147,16 @@ def subject_files() -> list[str]:
 def resolve_subject_file(name: str) -> Path:
     """A `subject_files()` entry -> its path, inside models/blip_diffusion_subjects or the input folder."""
     if name.endswith(INPUT_TAG):
-        path = _inside(name[:-len(INPUT_TAG)], [compat.input_directory()], "the input folder", "subject_file")
+        path = _inside(name[: -len(INPUT_TAG)], [compat.input_directory()], "the input folder", "subject_file")
     else:
-        path = _inside(name, roots(SUBJECTS), f"models/{SUBJECTS} (or the input folder, tagged {INPUT_TAG.strip()})",
-                       "subject_file")
+        path = _inside(
+            name,
+            roots(SUBJECTS),
+            f"models/{SUBJECTS} (or the input folder, tagged {INPUT_TAG.strip()})",
+            "subject_file",
+        )
     if path.suffix.lower() != SUBJECT_SUFFIX:
-        raise ValueError(f"subject_file {name!r}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)")
+        raise ValueError(
+            f"subject_file {name!r}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)"
+        )
     return path

@@ -22,8 +22,9 @@ class ReferencePLMS(compat.Sampler):
     prefers PyTorch's attention kernel to ComfyUI's fallback (compat.prefer_pytorch_attention).
     """
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
+    def sample(
+        self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
+    ):
         compat.check_reference_schedule(model_wrap, "the BLIP-Diffusion pndm sampler")
         extra_args["denoise_mask"] = denoise_mask
         compat.prefer_pytorch_attention(extra_args["model_options"], noise.device)  # this run's copy of the options
@@ -54,18 +55,20 @@ def sampler_sigmas(model, sampler_name: str, scheduler: str, steps: int, denoise
             sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
     else:
         sigmas = compat.scheduler_sigmas(model, sampler_name, scheduler, total)
-    return sigmas[-(steps + 1):]
+    return sigmas[-(steps + 1) :]
 
 
 def check_batches(positive, negative, batch: int) -> None:
     for name, conditioning in (("positive", positive), ("negative", negative)):
         for cond, _ in conditioning:
             if cond.shape[0] not in (1, batch):
-                raise ValueError(f"{name}: a conditioning of batch {cond.shape[0]} cannot be paired with "
-                                 f"{batch} latents (use 1, or one per latent). With the Multimodal Prompt's "
-                                 f"multi_image 'per latent' that means {cond.shape[0]} subject images for {batch} "
-                                 "latents: give as many images as latents (EmptyLatentImage batch_size), or "
-                                 "use 'average'")
+                raise ValueError(
+                    f"{name}: a conditioning of batch {cond.shape[0]} cannot be paired with "
+                    f"{batch} latents (use 1, or one per latent). With the Multimodal Prompt's "
+                    f"multi_image 'per latent' that means {cond.shape[0]} subject images for {batch} "
+                    "latents: give as many images as latents (EmptyLatentImage batch_size), or "
+                    "use 'average'"
+                )
 
 
 class BlipDiffusionSampler(io.ComfyNode):
@@ -76,43 +79,91 @@ class BlipDiffusionSampler(io.ComfyNode):
             display_name="BLIP-Diffusion Sampler",
             category=f"{CATEGORY}/sampling",
             description="A KSampler whose defaults reproduce the BLIP-Diffusion release: pndm (PLMS) on the reference "
-                        "schedule, same noise for the same seed. Every ComfyUI sampler and scheduler works too.",
+            "schedule, same noise for the same seed. Every ComfyUI sampler and scheduler works too.",
             inputs=[
-                io.Model.Input("model", tooltip="The BLIP-Diffusion UNet (or any SD-1.5 MODEL, LoRAs and patches included)."),
-                io.Conditioning.Input("positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."),
+                io.Model.Input(
+                    "model", tooltip="The BLIP-Diffusion UNet (or any SD-1.5 MODEL, LoRAs and patches included)."
+                ),
+                io.Conditioning.Input(
+                    "positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."
+                ),
                 io.Conditioning.Input("negative", tooltip="Usually a CLIPTextEncode of the negative prompt."),
-                io.Latent.Input("latent_image", tooltip="An empty latent for text-to-image, or VAE-encoded for img2img."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed; equals the reference's torch.Generator('cpu').manual_seed(seed)."),
+                io.Latent.Input(
+                    "latent_image", tooltip="An empty latent for text-to-image, or VAE-encoded for img2img."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Noise seed; equals the reference's torch.Generator('cpu').manual_seed(seed).",
+                ),
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps (the reference uses 50)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=SAMPLERS, default="pndm",
-                               tooltip="pndm: the reference PLMS sampler. The others are ComfyUI's."),
-                io.Combo.Input("scheduler", options=SCHEDULERS, default="reference",
-                               tooltip="reference: PNDM's timesteps (e.g. 25 steps: 960, 920, 880, ...). "
-                                       "The others are ComfyUI's."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Below 1: keep part of the input latent (img2img)."),
+                io.Float.Input(
+                    "cfg",
+                    default=7.5,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance scale.",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=SAMPLERS,
+                    default="pndm",
+                    tooltip="pndm: the reference PLMS sampler. The others are ComfyUI's.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=SCHEDULERS,
+                    default="reference",
+                    tooltip="reference: PNDM's timesteps (e.g. 25 steps: 960, 920, 880, ...). "
+                    "The others are ComfyUI's.",
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Below 1: keep part of the input latent (img2img).",
+                ),
             ],
             outputs=[io.Latent.Output(tooltip="Denoised latent; decode it with VAEDecode.")],
         )
 
     @classmethod
     def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None):
-        return (combo_error("sampler_name", sampler_name, SAMPLERS) or combo_error("scheduler", scheduler, SCHEDULERS)
-                or True)
+        return (
+            combo_error("sampler_name", sampler_name, SAMPLERS)
+            or combo_error("scheduler", scheduler, SCHEDULERS)
+            or True
+        )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
-                scheduler: str, denoise: float) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        positive,
+        negative,
+        latent_image,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        denoise: float,
+    ) -> io.NodeOutput:
         latent = compat.fix_empty_latent_channels(model, latent_image["samples"])
         check_batches(positive, negative, latent.shape[0])
         noise = compat.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = sampler_sigmas(model, sampler_name, scheduler, steps, denoise)
         sampler = ReferencePLMS() if sampler_name == "pndm" else compat.sampler(sampler_name)
-        samples = compat.sample(model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                latent_image.get("noise_mask"), seed)
+        samples = compat.sample(
+            model, noise, cfg, sampler, sigmas, positive, negative, latent, latent_image.get("noise_mask"), seed
+        )
         out = latent_image.copy()
         out["samples"] = samples
         return io.NodeOutput(out)
@@ -126,7 +177,7 @@ class BlipDiffusionPLMSSampler(io.ComfyNode):
             display_name="BLIP-Diffusion PLMS Sampler",
             category=f"{CATEGORY}/sampling",
             description="The reference PLMS (pndm) sampler for SamplerCustom / SamplerCustomAdvanced. Pair it with "
-                        "BLIP-Diffusion Reference Sigmas to reproduce the release.",
+            "BLIP-Diffusion Reference Sigmas to reproduce the release.",
             inputs=[],
             outputs=[io.Sampler.Output()],
         )
@@ -146,8 +197,14 @@ class BlipDiffusionReferenceSigmas(io.ComfyNode):
             description="PNDM's reference schedule as SIGMAS (for the BLIP-Diffusion PLMS Sampler).",
             inputs=[
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps (the reference uses 50)."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Below 1: only the last part of the schedule (img2img)."),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Below 1: only the last part of the schedule (img2img).",
+                ),
             ],
             outputs=[io.Sigmas.Output()],
         )

@@ -30,8 +30,9 @@ class LoadedSubjectEncoder:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, category: str, preprocess: str, mask=None) -> torch.Tensor:
         compat.load_models_gpu([self.patcher])
-        out = self.encoder.encode(images, category, preprocess, mask, device=self.patcher.load_device,
-                                  dtype=self.compute_dtype)
+        out = self.encoder.encode(
+            images, category, preprocess, mask, device=self.patcher.load_device, dtype=self.compute_dtype
+        )
         return out.to(compat.intermediate_device())
 
 
@@ -58,8 +59,9 @@ def load_encoder(path: Path, dtype_choice: str) -> LoadedSubjectEncoder:
         if percent != pbar.current:
             pbar.update_absolute(percent)
 
-    encoder = load_subject_encoder(path, device=offload_device, dtype=dtype, operations=compat.manual_cast,
-                                   progress=progress)
+    encoder = load_subject_encoder(
+        path, device=offload_device, dtype=dtype, operations=compat.manual_cast, progress=progress
+    )
     patcher = compat.ModelPatcher(encoder.model, load_device=load_device, offload_device=offload_device)
     logging.info("BLIP-Diffusion: subject encoder %s loaded (%s)", path.name, dtype)
     return LoadedSubjectEncoder(encoder, patcher, dtype)
@@ -83,19 +85,34 @@ class BlipDiffusionSubjectEncoder(io.ComfyNode):
             display_name="BLIP-Diffusion Subject Encoder",
             category=f"{CATEGORY}/subject",
             description="Turns a photo of your subject and its category word into BLIP-Diffusion subject embeddings "
-                        "(16 vectors in CLIP's token space).",
+            "(16 vectors in CLIP's token space).",
             inputs=[
-                SubjectEncoderType.Input("subject_encoder", tooltip="From a BLIP-Diffusion Loader or Subject Encoder Loader."),
-                io.Image.Input("image", tooltip="The subject photo. A batch means several views of the same subject "
-                                                "(see the prompt fuse's multi_image). Alpha is ignored: use the mask."),
-                io.String.Input("subject", default="dog",
-                                tooltip="The subject's category in a word or two, e.g. 'dog', 'teapot', 'backpack'."),
-                io.Combo.Input("preprocess", options=list(MODES), default="squash",
-                               tooltip="squash: resize to 224x224 ignoring the aspect ratio (the diffusers release). "
-                                       "crop: short side to 224, then a center crop (the original LAVIS code)."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional: 1 on the subject, 0 on the background, which is painted white before "
-                                      "encoding. Resized to the image. A LoadImage alpha mask is the inverse: use InvertMask."),
+                SubjectEncoderType.Input(
+                    "subject_encoder", tooltip="From a BLIP-Diffusion Loader or Subject Encoder Loader."
+                ),
+                io.Image.Input(
+                    "image",
+                    tooltip="The subject photo. A batch means several views of the same subject "
+                    "(see the prompt fuse's multi_image). Alpha is ignored: use the mask.",
+                ),
+                io.String.Input(
+                    "subject",
+                    default="dog",
+                    tooltip="The subject's category in a word or two, e.g. 'dog', 'teapot', 'backpack'.",
+                ),
+                io.Combo.Input(
+                    "preprocess",
+                    options=list(MODES),
+                    default="squash",
+                    tooltip="squash: resize to 224x224 ignoring the aspect ratio (the diffusers release). "
+                    "crop: short side to 224, then a center crop (the original LAVIS code).",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Optional: 1 on the subject, 0 on the background, which is painted white before "
+                    "encoding. Resized to the image. A LoadImage alpha mask is the inverse: use InvertMask.",
+                ),
             ],
             outputs=[SubjectType.Output(display_name="subject", tooltip="The subject embeddings and category.")],
         )
@@ -107,8 +124,11 @@ class BlipDiffusionSubjectEncoder(io.ComfyNode):
     @classmethod
     def execute(cls, subject_encoder, image, subject: str, preprocess: str, mask=None) -> io.NodeOutput:
         embeds = subject_encoder.encode(image, subject, preprocess, mask)
-        metadata = {"preprocess": preprocess, "encoder": subject_encoder.encoder.name,
-                    "image_sha256": hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}
+        metadata = {
+            "preprocess": preprocess,
+            "encoder": subject_encoder.encoder.name,
+            "image_sha256": hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+        }
         return io.NodeOutput(Subject(embeds, subject, metadata))
 
 

@@ -47,15 +47,18 @@ def micro_model(tmp_path_factory, core_fixture) -> Path:
     """The micro model the core fixtures were made from, regenerated bit for bit."""
     path = make_model(tmp_path_factory.mktemp("models") / "micro", size="micro")
     if weights_digest(path) != core_fixture.meta["digest"]:
-        pytest.fail("tests/fixtures/core_parity.npz was made from other weights than tools/make_tiny_model.py "
-                    "writes now: run `make fixtures` to regenerate it with the reference")
+        pytest.fail(
+            "tests/fixtures/core_parity.npz was made from other weights than tools/make_tiny_model.py "
+            "writes now: run `make fixtures` to regenerate it with the reference"
+        )
     return path
 
 
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
-    base = prepare_base(tmp_path_factory.mktemp("comfybase"),
-                        {"probe_pack": Path(__file__).parent / "comfy" / "probe_pack"})
+    base = prepare_base(
+        tmp_path_factory.mktemp("comfybase"), {"probe_pack": Path(__file__).parent / "comfy" / "probe_pack"}
+    )
     for image in (ROOT / "workflows" / "images").glob("*.jpg"):  # what the example workflows load
         (base / "input" / image.name).write_bytes(image.read_bytes())
     return base
@@ -100,8 +103,11 @@ def example_subject(comfy_base, tiny_model) -> str:
     pixels = np.asarray(Image.open(ROOT / "workflows" / "images" / "blipd_example_cat.jpg").convert("RGB"))
     image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]  # as LoadImage makes it
     encoder = load_subject_encoder(comfy_base / "models" / "blip_diffusion" / tiny_model)
-    metadata = {"preprocess": "squash", "encoder": tiny_model,
-                "image_sha256": hashlib.sha256(image.numpy().tobytes()).hexdigest()}
+    metadata = {
+        "preprocess": "squash",
+        "encoder": tiny_model,
+        "image_sha256": hashlib.sha256(image.numpy().tobytes()).hexdigest(),
+    }
     name = "blipd_example_cat.safetensors"
     save_subject(Subject(encoder.encode(image, "cat"), "cat", metadata), comfy_base / "input" / name)
     return name

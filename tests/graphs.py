@@ -33,12 +33,27 @@ class SubjectGraph(Graph):
         return self.add("LoadImage", image=name)
 
     def encode(self, image: list, category: str = "cat", preprocess: str = "squash", **mask) -> list:
-        return self.add("BlipDiffusionSubjectEncoder", subject_encoder=[self.model, 3], image=image, subject=category,
-                        preprocess=preprocess, **mask)
+        return self.add(
+            "BlipDiffusionSubjectEncoder",
+            subject_encoder=[self.model, 3],
+            image=image,
+            subject=category,
+            preprocess=preprocess,
+            **mask,
+        )
 
     def fuse(self, subject: list, multi_image: str = "average", prompt: str = "on a beach", **extra) -> list:
-        return self.add("BlipDiffusionMultimodalPromptFuse", clip=[self.model, 1], subject=subject, prompt=prompt,
-                        target_subject="", prompt_strength=1.0, prompt_reps=20, multi_image=multi_image, **extra)
+        return self.add(
+            "BlipDiffusionMultimodalPromptFuse",
+            clip=[self.model, 1],
+            subject=subject,
+            prompt=prompt,
+            target_subject="",
+            prompt_strength=1.0,
+            prompt_reps=20,
+            multi_image=multi_image,
+            **extra,
+        )
 
 
 def twin(name: str) -> Graph:
@@ -57,25 +72,64 @@ def shrink(prompt: dict, size: int = 128, steps: int = 3) -> Graph:
     return prompt
 
 
-def zero_shot(model: str, image: str = "blipd_example_cat.jpg", subject: str = "cat",
-              prompt: str = "swimming underwater", target: str = "", negative: str = NEGATIVE, size: int = 128,
-              steps: int = 3, seed: int = 0, cfg: float = 7.5, strength: float = 1.0, reps: int = 20,
-              batch: int = 1, multi_image: str = "average", prefix: str = "zero_shot", height: int | None = None
-              ) -> Graph:
+def zero_shot(
+    model: str,
+    image: str = "blipd_example_cat.jpg",
+    subject: str = "cat",
+    prompt: str = "swimming underwater",
+    target: str = "",
+    negative: str = NEGATIVE,
+    size: int = 128,
+    steps: int = 3,
+    seed: int = 0,
+    cfg: float = 7.5,
+    strength: float = 1.0,
+    reps: int = 20,
+    batch: int = 1,
+    multi_image: str = "average",
+    prefix: str = "zero_shot",
+    height: int | None = None,
+) -> Graph:
     """Loader (1) -> photo (2) -> subject (3) -> fused prompt (4) + negative (5) -> empty latent (6) ->
     BlipDiffusionSampler (7) -> VAEDecode (8) -> SaveImage (9); tests address the nodes by these ids."""
     g = Graph()
     loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")
     photo = g.add("LoadImage", "2", image=image)
-    encoded = g.add("BlipDiffusionSubjectEncoder", "3", subject_encoder=[loader[0], 3], image=photo, subject=subject,
-                    preprocess="squash")
-    positive = g.add("BlipDiffusionMultimodalPromptFuse", "4", clip=[loader[0], 1], subject=encoded, prompt=prompt,
-                     target_subject=target, prompt_strength=strength, prompt_reps=reps, multi_image=multi_image)
+    encoded = g.add(
+        "BlipDiffusionSubjectEncoder",
+        "3",
+        subject_encoder=[loader[0], 3],
+        image=photo,
+        subject=subject,
+        preprocess="squash",
+    )
+    positive = g.add(
+        "BlipDiffusionMultimodalPromptFuse",
+        "4",
+        clip=[loader[0], 1],
+        subject=encoded,
+        prompt=prompt,
+        target_subject=target,
+        prompt_strength=strength,
+        prompt_reps=reps,
+        multi_image=multi_image,
+    )
     negative = g.add("CLIPTextEncode", "5", clip=[loader[0], 1], text=negative)
     latent = g.add("EmptyLatentImage", "6", width=size, height=height or size, batch_size=batch)
-    samples = g.add("BlipDiffusionSampler", "7", model=loader, positive=positive, negative=negative,
-                    latent_image=latent, seed=seed, steps=steps, cfg=cfg, sampler_name="pndm", scheduler="reference",
-                    denoise=1.0)
+    samples = g.add(
+        "BlipDiffusionSampler",
+        "7",
+        model=loader,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name="pndm",
+        scheduler="reference",
+        denoise=1.0,
+    )
     decoded = g.add("VAEDecode", "8", samples=samples, vae=[loader[0], 2])
     g.add("SaveImage", "9", images=decoded, filename_prefix=prefix)
     return g
@@ -98,8 +152,12 @@ def previewed(class_type: str, output: int = 0, **inputs) -> Graph:
 def edges(class_type: str, image: str, prefix: str = "edges", **inputs) -> Graph:
     """LoadImage (1) -> an edge preprocessor (2) -> SaveImage (3)."""
     g = Graph()
-    g.add("SaveImage", "3", images=g.add(class_type, "2", image=g.add("LoadImage", "1", image=image), **inputs),
-          filename_prefix=prefix)
+    g.add(
+        "SaveImage",
+        "3",
+        images=g.add(class_type, "2", image=g.add("LoadImage", "1", image=image), **inputs),
+        filename_prefix=prefix,
+    )
     return g
 
 

@@ -47,10 +47,11 @@ class Comfy:
 
     def request(self, method: str, path: str, body=None, timeout: float = 30):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        # self.url is the server this harness started: http://127.0.0.1:<port>
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (self.url is http://127.0.0.1)
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -95,6 +96,7 @@ class Comfy:
     def probe(self, name: str):
         """Tensors and metadata a ProbeSaveTensors node wrote."""
         from safetensors import safe_open
+
         with safe_open(str(self.base / "output" / "probe" / f"{name}.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
@@ -115,7 +117,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 
 def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path:
@@ -161,8 +162,14 @@ class ComfyServer:
     "module:attribute" symbols it must lack (to test a ComfyUI without an internal the pack uses).
     """
 
-    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120, cpu: bool = True,
-                 hide: list[str] = ()):
+    def __init__(
+        self,
+        base: Path,
+        extra_args: list[str] = (),
+        startup_timeout: float = 120,
+        cpu: bool = True,
+        hide: list[str] = (),
+    ):
         self.base, self.extra_args, self.startup_timeout = Path(base), list(extra_args), startup_timeout
         self.device_args = ["--cpu"] if cpu else []
         self.launcher = ["-c", _HIDING_LAUNCHER, ",".join(hide)] if hide else ["main.py"]
@@ -177,10 +184,28 @@ class ComfyServer:
         self._log = open(log_path, "wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, *self.launcher, *self.device_args, "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-             "--disable-api-nodes", *self.extra_args],
-            cwd=self.comfy_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                *self.launcher,
+                *self.device_args,
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                str(self.base),
+                "--database-url",
+                "sqlite:///:memory:",
+                "--disable-auto-launch",
+                "--disable-api-nodes",
+                *self.extra_args,
+            ],
+            cwd=self.comfy_dir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         client = Comfy(f"http://127.0.0.1:{port}", self.base, log_path)
         client.pid = self.proc.pid
         deadline = time.monotonic() + self.startup_timeout

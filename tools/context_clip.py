@@ -66,11 +66,16 @@ class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, operations=nn, dtype=None, device=None):
         super().__init__()
         self.embeddings = nn.Module()
-        self.embeddings.token_embedding = operations.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.embeddings.position_embedding = operations.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
-                                                                  dtype=dtype, device=device)
+        self.embeddings.token_embedding = operations.Embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
+        )
+        self.embeddings.position_embedding = operations.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, device=device
+        )
         self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(TextLayer(cfg, operations, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.encoder.layers = nn.ModuleList(
+            TextLayer(cfg, operations, dtype, device) for _ in range(cfg.num_hidden_layers)
+        )
         # diffusers builds it with nn.LayerNorm's default eps, whatever the config says
         self.final_layer_norm = norm_layer(operations, cfg.hidden_size, 1e-5, device)
 
@@ -99,11 +104,14 @@ class TextEncoder:
     def layout(self, prompt: str, num_context: int, begin: int = CTX_BEGIN_POS) -> list[int | None]:
         """Ids of the 77 positions; None marks where context embeddings go."""
         t = self.tokenizer
-        return splice_context(self.token_ids(prompt), [None] * num_context, t.bos_token_id, t.eos_token_id,
-                              t.pad_token_id, begin)
+        return splice_context(
+            self.token_ids(prompt), [None] * num_context, t.bos_token_id, t.eos_token_id, t.pad_token_id, begin
+        )
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], ctx: torch.Tensor | None = None, ctx_begin_pos: int = CTX_BEGIN_POS) -> torch.Tensor:
+    def encode(
+        self, prompts: list[str], ctx: torch.Tensor | None = None, ctx_begin_pos: int = CTX_BEGIN_POS
+    ) -> torch.Tensor:
         """[B,77,D] hidden states; with `ctx` [B,N,D] the N context embeddings go in at `ctx_begin_pos`."""
         table = self.model.embeddings.token_embedding
         device = table.weight.device
@@ -119,8 +127,9 @@ class TextEncoder:
         return self.model(torch.stack(rows)).float()
 
 
-def load_text_encoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      operations=nn) -> TextEncoder:
+def load_text_encoder(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, operations=nn
+) -> TextEncoder:
     """From a BLIP-Diffusion folder: `text_encoder/` (config + weights) and `tokenizer/`."""
     from transformers import CLIPTokenizer
 
@@ -130,7 +139,7 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu", dtyp
         raise FileNotFoundError(f"{path} has no tokenizer/ folder (vocab.json, merges.txt)")
     config = TextConfig.from_json(TEXT_ENCODER.config_file(path))
     state_dict = read_state_dict(weights)
-    state_dict = {k[len("text_model."):]: v for k, v in state_dict.items() if k.startswith("text_model.")}
+    state_dict = {k[len("text_model.") :]: v for k, v in state_dict.items() if k.startswith("text_model.")}
     state_dict.pop("embeddings.position_ids", None)
     with torch.device("meta"):
         model = CLIPTextTransformer(config, operations, dtype)

@@ -42,8 +42,12 @@ def main() -> Path:
     prompt = twin("zero_shot")
     if not args.full:
         prompt = shrink(prompt, args.size, args.steps)
-    print("starting ComfyUI and running workflows/api/zero_shot.json"
-          + ("" if args.full else f" at {args.size}x{args.size}, {args.steps} steps") + " ...", flush=True)
+    print(
+        "starting ComfyUI and running workflows/api/zero_shot.json"
+        + ("" if args.full else f" at {args.size}x{args.size}, {args.steps} steps")
+        + " ...",
+        flush=True,
+    )
     with ComfyServer(base) as comfy:
         start = time.monotonic()
         entry = comfy.run_ok(prompt, timeout=3600)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_DIRS = {".git", ".venv", ".refvenv", "node_modules", ".cache", "__pycache__", ".pkglink"}
+SKIP_DIRS = {"node_modules", "__pycache__"}  # and every hidden folder: .git, the venvs, .cache
 CHECKS = ("static-torch-load", "static-user-paths", "static-comfy-internals")
 
 RESOLVER_MODULE = "paths"  # nodes/paths.py: every user-named file goes through it
@@ -32,14 +32,32 @@ PATH_WORDS = ("file", "path", "prefix", "folder", "dir")
 COMPAT_MODULE = "compat.py"
 # Attributes of ComfyUI's objects whose names or shapes ComfyUI may change between versions.
 COMFY_INTERNALS = {
-    "cond_stage_model", "clip_l", "diffusion_model", "model_config", "unet_config", "first_stage_model",
-    "control_model", "cond_hint_original", "compression_ratio", "folder_names_and_paths", "optimized_attention",
-    "KSamplerX0Inpaint", "model_sampling", "inner_model", "patches_replace", "model_options", "embedding_size",
+    "cond_stage_model",
+    "clip_l",
+    "diffusion_model",
+    "model_config",
+    "unet_config",
+    "first_stage_model",
+    "control_model",
+    "cond_hint_original",
+    "compression_ratio",
+    "folder_names_and_paths",
+    "optimized_attention",
+    "KSamplerX0Inpaint",
+    "model_sampling",
+    "inner_model",
+    "patches_replace",
+    "model_options",
+    "embedding_size",
 }
 
 
 def python_files(root: Path = ROOT) -> list[Path]:
-    return sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+    def kept(path: Path) -> bool:
+        parts = path.relative_to(root).parts[:-1]
+        return not SKIP_DIRS & set(parts) and not any(part.startswith(".") for part in parts)
+
+    return sorted(p for p in root.rglob("*.py") if kept(p))
 
 
 def unsafe_loads(source: str) -> list[str]:
@@ -72,8 +90,13 @@ def path_inputs(cls: ast.ClassDef) -> set[str]:
     named like a file or folder."""
     names = set()
     for call in ast.walk(cls):
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "Input"
-                and call.args and isinstance(call.args[0], ast.Constant)):
+        if not (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute)
+            and call.func.attr == "Input"
+            and call.args
+            and isinstance(call.args[0], ast.Constant)
+        ):
             continue
         kind, name = ast.unparse(call.func.value), call.args[0].value
         options = next((k.value for k in call.keywords if k.arg == "options"), None)
@@ -125,8 +148,11 @@ def unresolved_uses(source: str) -> tuple[list[str], list[str]]:
 
 def comfy_internals(source: str) -> list[str]:
     """Uses of ComfyUI-internal attribute names (COMFY_INTERNALS) in `source`."""
-    return [f"line {node.lineno}: .{node.attr}" for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Attribute) and node.attr in COMFY_INTERNALS]
+    return [
+        f"line {node.lineno}: .{node.attr}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute) and node.attr in COMFY_INTERNALS
+    ]
 
 
 def lint(root: Path = ROOT) -> dict[str, list[str]]:

@@ -43,13 +43,19 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # --- component configurations -------------------------------------------------------------
 
+
 def qformer_config(size: str) -> SubjectEncoderConfig:
     if size == "full":
         return SubjectEncoderConfig()
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
     hidden = 768 if size == "tiny" else 32
-    qformer = QFormerConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4 if size == "micro" else 12,
-                            intermediate_size=64 if size == "micro" else 256, encoder_hidden_size=64)
+    qformer = QFormerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4 if size == "micro" else 12,
+        intermediate_size=64 if size == "micro" else 256,
+        encoder_hidden_size=64,
+    )
     return SubjectEncoderConfig(vision=vision, qformer=qformer, num_query_tokens=16)
 
 
@@ -65,52 +71,112 @@ def unet_config(size: str) -> dict:
     else:  # SD-1.5's topology at width 320: ComfyUI detects SD-1.5 by width 320 and context 768
         widths, layers = [320, 320, 320, 320], 1
     return {
-        "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
         "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "block_out_channels": widths, "layers_per_block": layers, "cross_attention_dim": 768,
-        "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu", "flip_sin_to_cos": True,
-        "freq_shift": 0, "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05, "use_linear_projection": False,
+        "block_out_channels": widths,
+        "layers_per_block": layers,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "use_linear_projection": False,
     }
 
 
 def controlnet_config(size: str) -> dict:
     unet = unet_config(size)
-    keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-            "attention_head_dim", "norm_num_groups", "act_fn", "flip_sin_to_cos", "freq_shift", "downsample_padding",
-            "mid_block_scale_factor", "norm_eps", "use_linear_projection")
-    return {"_class_name": "ControlNetModel", **{k: unet[k] for k in keep},
-            "conditioning_embedding_out_channels": [16, 32, 96, 256], "controlnet_conditioning_channel_order": "rgb"}
+    keep = (
+        "in_channels",
+        "down_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "norm_num_groups",
+        "act_fn",
+        "flip_sin_to_cos",
+        "freq_shift",
+        "downsample_padding",
+        "mid_block_scale_factor",
+        "norm_eps",
+        "use_linear_projection",
+    )
+    return {
+        "_class_name": "ControlNetModel",
+        **{k: unet[k] for k in keep},
+        "conditioning_embedding_out_channels": [16, 32, 96, 256],
+        "controlnet_conditioning_channel_order": "rgb",
+    }
 
 
 VAE_CONFIG = {
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32,
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
     "scaling_factor": 0.18215,
 }
 
 SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 0,
-    "prediction_type": "epsilon", "clip_sample": False, "trained_betas": None,
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "trained_betas": None,
 }
 
 IMAGE_PROCESSOR_CONFIG = {
-    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_center_crop": True,
-    "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "BlipImageProcessor",
-    "processor_class": "BlipProcessor", "resample": 3, "rescale_factor": 1 / 255, "size": {"height": 224, "width": 224},
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_center_crop": True,
+    "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD,
+    "image_processor_type": "BlipImageProcessor",
+    "processor_class": "BlipProcessor",
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"height": 224, "width": 224},
 }
 
 
 def model_index(controlnet: bool) -> dict:
     index = {
         "_class_name": "BlipDiffusionControlNetPipeline" if controlnet else "BlipDiffusionPipeline",
-        "_diffusers_version": "0.18.0.dev0", "ctx_begin_pos": 2, "mean": CLIP_MEAN, "std": CLIP_STD,
-        "image_processor": ["blip_diffusion", "BlipImageProcessor"], "qformer": ["blip_diffusion", "Blip2QFormerModel"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "_diffusers_version": "0.18.0.dev0",
+        "ctx_begin_pos": 2,
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+        "image_processor": ["blip_diffusion", "BlipImageProcessor"],
+        "qformer": ["blip_diffusion", "Blip2QFormerModel"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     if controlnet:
@@ -119,15 +185,27 @@ def model_index(controlnet: bool) -> dict:
 
 
 def text_config_json(cfg: TextConfig) -> dict:
-    return {"architectures": ["ContextCLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
-            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "dropout": 0.0, "initializer_factor": 1.0,
-            "initializer_range": 0.02, "projection_dim": cfg.hidden_size, **cfg.__dict__}
+    return {
+        "architectures": ["ContextCLIPTextModel"],
+        "model_type": "clip_text_model",
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "dropout": 0.0,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "projection_dim": cfg.hidden_size,
+        **cfg.__dict__,
+    }
 
 
 # --- shapes and values ----------------------------------------------------------------------
 
+
 def diffusers_shapes(config: dict) -> dict[str, tuple[torch.Size, torch.dtype]]:
     import diffusers
+
     cls = getattr(diffusers, config["_class_name"])
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k != "scaling_factor"}
     with torch.device("meta"):
@@ -154,14 +232,17 @@ def random_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
         return 0.5 * x
     fan_in = shape.numel() // shape[0]
     if name.endswith("controlnet_cond_embedding.conv_out.weight"):
-        return 32 * x / fan_in ** 0.5  # so that the control image visibly steers the output, as in a trained ControlNet
-    return x / fan_in ** 0.5
+        return 32 * x / fan_in**0.5  # so that the control image visibly steers the output, as in a trained ControlNet
+    return x / fan_in**0.5
 
 
 def state_dict(shapes: dict, seed: int, dtype: torch.dtype, component: str) -> dict[str, torch.Tensor]:
     """Random floating-point tensors; the component name is part of each seed (the UNet and ControlNet differ)."""
-    return {name: random_tensor(f"{component}/{name}", shape, seed).to(dtype).contiguous()
-            for name, (shape, tensor_dtype) in sorted(shapes.items()) if tensor_dtype.is_floating_point}
+    return {
+        name: random_tensor(f"{component}/{name}", shape, seed).to(dtype).contiguous()
+        for name, (shape, tensor_dtype) in sorted(shapes.items())
+        if tensor_dtype.is_floating_point
+    }
 
 
 def save_weights(tensors: dict, folder: Path, names: tuple[str, ...], fmt: str) -> None:
@@ -169,6 +250,7 @@ def save_weights(tensors: dict, folder: Path, names: tuple[str, ...], fmt: str) 
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         from safetensors.torch import save_file
+
         save_file(tensors, str(folder / names[0]))
     else:
         torch.save(tensors, folder / names[1])
@@ -195,15 +277,24 @@ def clip_tokenizer_dir() -> Path:
 
     candidate = comfyui_dir() / "comfy" / "sd1_tokenizer"
     if not (candidate / "vocab.json").is_file():
-        raise FileNotFoundError(f"no CLIP tokenizer in {candidate}: pass --clip-tokenizer DIR (a folder with "
-                                "vocab.json and merges.txt)")
+        raise FileNotFoundError(
+            f"no CLIP tokenizer in {candidate}: pass --clip-tokenizer DIR (a folder with vocab.json and merges.txt)"
+        )
     return candidate
 
 
 # --- the folder -----------------------------------------------------------------------------
 
-def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: str = "fp16", controlnet: bool = False,
-               seed: int = 0, clip_tokenizer: Path | None = None) -> Path:
+
+def make_model(
+    out: Path,
+    size: str = "tiny",
+    fmt: str = "safetensors",
+    dtype: str = "fp16",
+    controlnet: bool = False,
+    seed: int = 0,
+    clip_tokenizer: Path | None = None,
+) -> Path:
     """Write the folder; it appears under its name only once complete (callers cache on its existence)."""
     final = Path(out)
     out = final.with_name(final.name + ".partial")
@@ -241,8 +332,9 @@ def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: s
         parts.append((CONTROLNET, controlnet_config(size)))
     for part, config in parts:
         write_json(part.config_file(out), config)
-        save_weights(state_dict(diffusers_shapes(config), seed, weight_dtype, part.folder), out / part.folder,
-                     part.weights, fmt)
+        save_weights(
+            state_dict(diffusers_shapes(config), seed, weight_dtype, part.folder), out / part.folder, part.weights, fmt
+        )
     return out.rename(final)
 
 

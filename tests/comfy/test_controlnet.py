@@ -56,19 +56,48 @@ LOADED = (None, 0)  # apply(image=LOADED): the graph's LoadImage of control_imag
 
 def apply(image, strength=1.0, start=0.0, end=1.0, control_net=("cn", 0), node="BlipDiffusionControlNetApply") -> dict:
     """An apply node spec for generation(); it wires positive and negative."""
-    return {"class_type": node, "inputs": {"control_net": list(control_net), "image": list(image),
-                                           "strength": strength, "start_percent": start, "end_percent": end}}
+    return {
+        "class_type": node,
+        "inputs": {
+            "control_net": list(control_net),
+            "image": list(image),
+            "strength": strength,
+            "start_percent": start,
+            "end_percent": end,
+        },
+    }
 
 
-def generation(model: str, controls=(), control_image: str | None = None, controlnet: str | None = None,
-               batch: int = 1, steps: int = STEPS, prefix: str = "t_cn", residuals: str | None = None) -> Graph:
+def generation(
+    model: str,
+    controls=(),
+    control_image: str | None = None,
+    controlnet: str | None = None,
+    batch: int = 1,
+    steps: int = STEPS,
+    prefix: str = "t_cn",
+    residuals: str | None = None,
+) -> Graph:
     """The stylization graph: subject -> fused prompt, negative, ControlNet applies in a chain, sampler, decode.
 
     `controls` are apply() node specs wired in order: their positive/negative inputs are replaced
     by the previous stage; an image of None means the LoadImage of `control_image`.
     """
-    g = zero_shot(model, image=SUBJECT, subject=CATEGORY, prompt=PROMPT, target=TARGET, negative=NEGATIVE,
-                  size=WIDTH, height=HEIGHT, steps=steps, seed=SEED, cfg=CFG, batch=batch, prefix=prefix)
+    g = zero_shot(
+        model,
+        image=SUBJECT,
+        subject=CATEGORY,
+        prompt=PROMPT,
+        target=TARGET,
+        negative=NEGATIVE,
+        size=WIDTH,
+        height=HEIGHT,
+        steps=steps,
+        seed=SEED,
+        cfg=CFG,
+        batch=batch,
+        prefix=prefix,
+    )
     if controls:
         g.add("BlipDiffusionControlNetLoader", "cn", model_name=controlnet or model)
     if control_image is not None:
@@ -87,7 +116,9 @@ def generation(model: str, controls=(), control_image: str | None = None, contro
 
 
 def images(comfy, entry, node="9") -> np.ndarray:
-    return np.stack([comfy.image(entry, node, i) for i in range(len(entry["outputs"][node]["images"]))]).astype(np.int16)
+    return np.stack([comfy.image(entry, node, i) for i in range(len(entry["outputs"][node]["images"]))]).astype(
+        np.int16
+    )
 
 
 def run_images(comfy, graph) -> np.ndarray:
@@ -95,6 +126,7 @@ def run_images(comfy, graph) -> np.ndarray:
 
 
 # --- contract ----------------------------------------------------------------------------------
+
 
 def test_contract_inputs_and_defaults(comfy):
     info = comfy.get_json("/object_info")
@@ -104,27 +136,44 @@ def test_contract_inputs_and_defaults(comfy):
         return {**inputs["required"], **inputs.get("optional", {})}[name]
 
     assert info["BlipDiffusionControlNetApply"]["input_order"]["required"] == [
-        "positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent"]
+        "positive",
+        "negative",
+        "control_net",
+        "image",
+        "strength",
+        "start_percent",
+        "end_percent",
+    ]
     assert list(info["BlipDiffusionControlNetApply"]["input"]["optional"]) == ["vae"]
     assert info["BlipDiffusionControlNetApply"]["output"] == ["CONDITIONING", "CONDITIONING"]
-    assert [spec("BlipDiffusionControlNetApply", n)[1]["default"] for n in ("strength", "start_percent", "end_percent")] \
-        == [1.0, 0.0, 1.0]
+    assert [
+        spec("BlipDiffusionControlNetApply", n)[1]["default"] for n in ("strength", "start_percent", "end_percent")
+    ] == [1.0, 0.0, 1.0]
     assert info["BlipDiffusionControlNetLoader"]["output"] == ["CONTROL_NET"]
-    assert [spec("BlipDiffusionCannyEdges", n)[1]["default"] for n in ("low_threshold", "high_threshold", "resolution")] \
-        == [30, 70, 512]
-    assert info["BlipDiffusionHEDEdges"]["input_order"]["required"] == ["image", "annotator", "scribble", "safe", "resolution"]
+    assert [
+        spec("BlipDiffusionCannyEdges", n)[1]["default"] for n in ("low_threshold", "high_threshold", "resolution")
+    ] == [30, 70, 512]
+    assert info["BlipDiffusionHEDEdges"]["input_order"]["required"] == [
+        "image",
+        "annotator",
+        "scribble",
+        "safe",
+        "resolution",
+    ]
 
 
 def test_loader_lists_release_folder_and_controlnet_files(comfy, comfy_base, tiny_model):
     (comfy_base / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
     (comfy_base / "models" / "controlnet" / "listed.safetensors").write_bytes(b"")
-    options = comfy.get_json("/object_info/BlipDiffusionControlNetLoader")[
-        "BlipDiffusionControlNetLoader"]["input"]["required"]["model_name"][1]["options"]
+    options = comfy.get_json("/object_info/BlipDiffusionControlNetLoader")["BlipDiffusionControlNetLoader"]["input"][
+        "required"
+    ]["model_name"][1]["options"]
     assert tiny_model in options and "listed.safetensors" in options
     (comfy_base / "models" / "controlnet" / "listed.safetensors").unlink()
 
 
 # --- parity with the real reference ------------------------------------------------------------
+
 
 def reference_python() -> str:
     path = os.environ.get("REFERENCE_PYTHON")
@@ -138,15 +187,36 @@ def reference_python() -> str:
 
 
 def run_reference(comfy, tmp_path, model: str, control_image: str, **extra) -> np.lib.npyio.NpzFile:
-    request = {"model": str(comfy.base / "models" / "blip_diffusion" / model), "image": str(comfy.base / "input" / SUBJECT),
-               "subject": CATEGORY, "target": TARGET, "prompt": PROMPT, "negative": NEGATIVE, "seed": SEED,
-               "steps": STEPS, "guidance": CFG, "height": HEIGHT, "width": WIDTH, "strength": 1.0, "reps": 20,
-               "control_image": str(comfy.base / "input" / control_image), **extra}
+    request = {
+        "model": str(comfy.base / "models" / "blip_diffusion" / model),
+        "image": str(comfy.base / "input" / SUBJECT),
+        "subject": CATEGORY,
+        "target": TARGET,
+        "prompt": PROMPT,
+        "negative": NEGATIVE,
+        "seed": SEED,
+        "steps": STEPS,
+        "guidance": CFG,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "strength": 1.0,
+        "reps": 20,
+        "control_image": str(comfy.base / "input" / control_image),
+        **extra,
+    }
     (tmp_path / "request.json").write_text(json.dumps(request))
     out = tmp_path / "reference.npz"
-    subprocess.run([reference_python(), str(ROOT / "tools" / "reference" / "run_pipeline.py"),
-                    str(tmp_path / "request.json"), str(out)], check=True, timeout=900,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    subprocess.run(
+        [
+            reference_python(),
+            str(ROOT / "tools" / "reference" / "run_pipeline.py"),
+            str(tmp_path / "request.json"),
+            str(out),
+        ],
+        check=True,
+        timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     return np.load(out)
 
 
@@ -192,8 +262,13 @@ def test_parity_with_reference_pipeline(comfy, tiny_model, control_image, refere
 def test_comfy_hint_resize_would_not_match(comfy, tiny_model, control_image, reference_defaults):
     """Why the apply node resizes hints itself: ComfyUI's own Apply ControlNet, same image and
     settings, crops and resizes nearest-exact, and its residuals miss the reference by far more."""
-    graph = generation(tiny_model, [apply(LOADED, node="ControlNetApplyAdvanced")], control_image,
-                       residuals="cn_stock", prefix="t_cn_stock")
+    graph = generation(
+        tiny_model,
+        [apply(LOADED, node="ControlNetApplyAdvanced")],
+        control_image,
+        residuals="cn_stock",
+        prefix="t_cn_stock",
+    )
     comfy.run_ok(graph)
     residual = compare_residuals(comfy, "cn_stock", reference_defaults)
     print(f"\nComfyUI's nearest-exact crop: residuals max|d|={residual:.2e}")
@@ -205,23 +280,29 @@ def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_i
     """strength 0.6 with end_percent 0.5 = the reference's residuals times 0.6 in the calls before the
     middle of the schedule and 0 after: with 3 steps the reference calls the model at t = 666, 333,
     333, 0, and end_percent 0.5 is t = 499.5."""
-    graph = generation(tiny_model, [apply(LOADED, strength=0.6, end=0.5)], control_image,
-                       residuals="cn_window", prefix="t_cn_window")
+    graph = generation(
+        tiny_model, [apply(LOADED, strength=0.6, end=0.5)], control_image, residuals="cn_window", prefix="t_cn_window"
+    )
     pack = run_images(comfy, graph)
     ref = run_reference(comfy, tmp_path, tiny_model, control_image, control_scales=[0.6, 0.0, 0.0, 0.0])
     residual = compare_residuals(comfy, "cn_window", ref)
     mean, worst = compare_images(pack, ref)
-    print(f"\nparity strength/window: residuals max|d|={residual:.2e}, image mean|d|={mean:.3f}/255 max|d|={worst:.0f}/255")
+    print(
+        f"\nparity strength/window: residuals max|d|={residual:.2e}, image mean|d|={mean:.3f}/255 "
+        f"max|d|={worst:.0f}/255"
+    )
     assert residual <= 1e-4
     assert mean <= 2.0 and worst <= 16
 
 
 # --- strength, windows, chains ------------------------------------------------------------------
 
+
 def test_strength_zero_is_the_zero_shot_output(comfy, tiny_model, control_image):
     uncontrolled = run_images(comfy, generation(tiny_model))
-    assert np.array_equal(run_images(comfy, generation(tiny_model, [apply(LOADED, strength=0.0)], control_image)),
-                          uncontrolled)
+    assert np.array_equal(
+        run_images(comfy, generation(tiny_model, [apply(LOADED, strength=0.0)], control_image)), uncontrolled
+    )
     controlled = run_images(comfy, generation(tiny_model, [apply(LOADED)], control_image))
     assert np.abs(controlled - uncontrolled).mean() > 1.0  # the ControlNet does act
 
@@ -243,7 +324,10 @@ def probe_chain(comfy, graph: Graph, name: str):
 def test_two_controlnet_chain_adds_residuals(comfy, tiny_model, control_image_at_size):
     """Two ControlNets at 0.5 (this pack's, then ComfyUI's) = one at 1.0: residuals add up, and with a
     control image at the output size both hint policies give the same hint."""
-    halves = [apply(LOADED, strength=0.5, end=0.8), apply(LOADED, strength=0.5, end=0.8, node="ControlNetApplyAdvanced")]
+    halves = [
+        apply(LOADED, strength=0.5, end=0.8),
+        apply(LOADED, strength=0.5, end=0.8, node="ControlNetApplyAdvanced"),
+    ]
     chained = generation(tiny_model, halves, control_image_at_size, steps=2)
     tensors, meta = probe_chain(comfy, chained, "cn_chain")
     assert meta["control0"] == "[(0.5, 0.0, 0.8), (0.5, 0.0, 0.8)]"  # newest first
@@ -255,9 +339,15 @@ def test_two_controlnet_chain_adds_residuals(comfy, tiny_model, control_image_at
 
 
 def test_chain_after_stock_apply_and_with_itself(comfy, tiny_model, control_image):
-    graph = generation(tiny_model, [apply(LOADED, node="ControlNetApplyAdvanced", strength=0.3),
-                                    apply(LOADED, strength=0.7, start=0.1, end=0.9),
-                                    apply(LOADED, strength=1.2, start=0.2)], control_image)
+    graph = generation(
+        tiny_model,
+        [
+            apply(LOADED, node="ControlNetApplyAdvanced", strength=0.3),
+            apply(LOADED, strength=0.7, start=0.1, end=0.9),
+            apply(LOADED, strength=1.2, start=0.2),
+        ],
+        control_image,
+    )
     tensors, meta = probe_chain(comfy, graph, "cn_chain3")
     assert meta["control0"] == "[(1.2, 0.2, 1.0), (0.7, 0.1, 0.9), (0.3, 0.0, 1.0)]"
     assert tensors["hint0_0"].shape == (1, 3, 70, 100)  # attached as given; resized at sampling time
@@ -265,6 +355,7 @@ def test_chain_after_stock_apply_and_with_itself(comfy, tiny_model, control_imag
 
 
 # --- hint images: batch, channels --------------------------------------------------------------
+
 
 def batch_of_two(graph: Graph) -> Graph:
     """The control image and its inverse as a batch of 2."""
@@ -282,7 +373,9 @@ def test_control_batch_must_be_one_or_one_per_latent(comfy, tiny_model, control_
 
 
 def test_one_control_image_per_latent(comfy, tiny_model, control_image):
-    per_latent = run_images(comfy, batch_of_two(generation(tiny_model, [apply(LOADED)], control_image, batch=2, steps=2)))
+    per_latent = run_images(
+        comfy, batch_of_two(generation(tiny_model, [apply(LOADED)], control_image, batch=2, steps=2))
+    )
     shared = run_images(comfy, generation(tiny_model, [apply(LOADED)], control_image, batch=2, steps=2))
     assert np.array_equal(per_latent[0], shared[0])  # latent 0 got the control image in both runs
     assert np.abs(per_latent[1] - shared[1]).mean() > 1.0  # latent 1 got its inverse
@@ -305,21 +398,31 @@ def test_controlnet_of_another_architecture_is_refused(comfy, comfy_base, tiny_m
     config = {**controlnet_config("tiny"), "cross_attention_dim": 2048}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
-    save_file(state_dict(diffusers_shapes(config), 1, torch.float16, "controlnet"),
-              str(folder / "diffusion_pytorch_model.safetensors"))
-    graph = generation(tiny_model, [apply(LOADED)], control_image, steps=2,
-                       controlnet="wide_context/diffusion_pytorch_model.safetensors")
+    save_file(
+        state_dict(diffusers_shapes(config), 1, torch.float16, "controlnet"),
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
+    graph = generation(
+        tiny_model,
+        [apply(LOADED)],
+        control_image,
+        steps=2,
+        controlnet="wide_context/diffusion_pytorch_model.safetensors",
+    )
     error = execution_error(comfy.run(graph))
     assert error and error["node_type"] == "BlipDiffusionControlNetApply"
     assert "2048" in error["exception_message"] and "768" in error["exception_message"]
 
 
 def test_start_after_end_is_an_error(comfy, tiny_model, control_image):
-    error = execution_error(comfy.run(generation(tiny_model, [apply(LOADED, start=0.7, end=0.3)], control_image, steps=2)))
+    error = execution_error(
+        comfy.run(generation(tiny_model, [apply(LOADED, start=0.7, end=0.3)], control_image, steps=2))
+    )
     assert error and "start_percent" in error["exception_message"] and "end_percent" in error["exception_message"]
 
 
 # --- loader: formats and errors ----------------------------------------------------------------
+
 
 def test_loader_formats_give_the_same_controlnet(comfy, comfy_base, tiny_model, control_image_at_size):
     """The release folder (.safetensors and pickle .bin), a diffusers folder in models/controlnet, and
@@ -336,8 +439,11 @@ def test_loader_formats_give_the_same_controlnet(comfy, comfy_base, tiny_model, 
     tensors = load_file(str(release / "controlnet" / "diffusion_pytorch_model.safetensors"))
     torch.save(tensors, as_bin / "controlnet" / "diffusion_pytorch_model.bin")
     saved = Graph()
-    saved.add("ProbeSaveControlNet", control_net=saved.add("BlipDiffusionControlNetLoader", model_name=tiny_model),
-              filename="blipd_cn_ldm.safetensors")
+    saved.add(
+        "ProbeSaveControlNet",
+        control_net=saved.add("BlipDiffusionControlNetLoader", model_name=tiny_model),
+        filename="blipd_cn_ldm.safetensors",
+    )
     comfy.run_ok(saved)
 
     def image(controlnet, loader="BlipDiffusionControlNetLoader"):
@@ -347,7 +453,11 @@ def test_loader_formats_give_the_same_controlnet(comfy, comfy_base, tiny_model, 
         return run_images(comfy, graph)
 
     expected = image(tiny_model)
-    for name in ("blipd_cn_bin", "sd-controlnet-scribble/diffusion_pytorch_model.safetensors", "blipd_cn_ldm.safetensors"):
+    for name in (
+        "blipd_cn_bin",
+        "sd-controlnet-scribble/diffusion_pytorch_model.safetensors",
+        "blipd_cn_ldm.safetensors",
+    ):
         assert np.array_equal(image(name), expected), name
     assert np.array_equal(image("blipd_cn_ldm.safetensors", loader="ControlNetLoader"), expected)
 
@@ -356,8 +466,10 @@ def test_release_folder_without_controlnet_weights(comfy, comfy_base, tiny_model
     folder = comfy_base / "models" / "blip_diffusion" / "blipd_cn_missing"
     (folder / "controlnet").mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text("{}")
-    shutil.copy(comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json",
-                folder / "controlnet" / "config.json")
+    shutil.copy(
+        comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json",
+        folder / "controlnet" / "config.json",
+    )
     entry = comfy.run(previewed("BlipDiffusionControlNetLoader", model_name="blipd_cn_missing"))
     error = execution_error(entry)
     assert error and error["node_type"] == "BlipDiffusionControlNetLoader"
@@ -365,6 +477,7 @@ def test_release_folder_without_controlnet_weights(comfy, comfy_base, tiny_model
 
 
 # --- preprocessors -----------------------------------------------------------------------------
+
 
 def run_preprocessor(comfy, node: str, **inputs) -> np.ndarray:
     return comfy.image(comfy.run_ok(edges(node, SOURCE_PHOTO, prefix=f"t_{node}", **inputs)), "3")
@@ -387,13 +500,16 @@ def test_canny_is_controlnet_aux_canny(comfy):
 def test_hed_is_controlnet_aux_hed_with_local_weights(comfy, hed_annotator, scribble, safe):
     from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
 
-    edges = run_preprocessor(comfy, "BlipDiffusionHEDEdges", annotator=hed_annotator, scribble=scribble, safe=safe,
-                             resolution=128)
+    edges = run_preprocessor(
+        comfy, "BlipDiffusionHEDEdges", annotator=hed_annotator, scribble=scribble, safe=safe, resolution=128
+    )
     network = ControlNetHED_Apache2()
-    network.load_state_dict(torch.load(comfy.base / "models" / "annotators" / hed_annotator / "ControlNetHED.pth",
-                                       weights_only=True))
-    expected = HEDdetector(network.float().eval())(photo(comfy), detect_resolution=128, image_resolution=128,
-                                                     safe=safe, scribble=scribble, output_type="np")
+    network.load_state_dict(
+        torch.load(comfy.base / "models" / "annotators" / hed_annotator / "ControlNetHED.pth", weights_only=True)
+    )
+    expected = HEDdetector(network.float().eval())(
+        photo(comfy), detect_resolution=128, image_resolution=128, safe=safe, scribble=scribble, output_type="np"
+    )
     assert edges.shape == expected.shape == (128, 192, 3)
     assert np.abs(edges.astype(int) - expected).max() <= 1  # thread counts may round a value differently
     levels = len(np.unique(edges))
@@ -403,8 +519,9 @@ def test_hed_is_controlnet_aux_hed_with_local_weights(comfy, hed_annotator, scri
 def test_hed_without_annotator_file_names_file_and_folder(comfy, comfy_base):
     (comfy_base / "models" / "annotators" / "no_weights").mkdir(parents=True, exist_ok=True)
     for name, expected in (("no_weights", "ControlNetHED.pth"), ("nowhere", "not found"), ("../input", "not a path")):
-        status, body = comfy.submit(edges("BlipDiffusionHEDEdges", SOURCE_PHOTO, annotator=name, scribble=False,
-                                          safe=False, resolution=128))
+        status, body = comfy.submit(
+            edges("BlipDiffusionHEDEdges", SOURCE_PHOTO, annotator=name, scribble=False, safe=False, resolution=128)
+        )
         assert status == 400, body
         message = json.dumps(body["node_errors"])
         assert expected in message and "annotators" in message, message
@@ -413,6 +530,7 @@ def test_hed_without_annotator_file_names_file_and_folder(comfy, comfy_base):
 
 
 # --- the example workflows ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["controlnet_canny_stylization", "controlnet_scribble", "controlnet_multi"])
 def test_workflow_runs(comfy, name):

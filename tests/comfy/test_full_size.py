@@ -12,6 +12,7 @@ from blip_diffusion_nodes.tools.make_tiny_model import make_model
 def full_model(comfy, comfy_base):
     """Released shapes and key names (1.56 B parameters), fp16 to halve the disk; deleted afterwards."""
     import shutil
+
     folder = make_model(comfy_base / "models" / "blip_diffusion" / "full-bin", size="full", fmt="bin")
     yield folder.name
     comfy.request("POST", "/free", {"unload_models": True, "free_memory": True})

@@ -12,10 +12,20 @@ from blip_diffusion_nodes.tools.comfy_server import PACK_NAME, ComfyServer, exec
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_IDS = [
-    "BlipDiffusionLoader", "BlipDiffusionSubjectEncoderLoader", "BlipDiffusionSubjectEncoder",
-    "BlipDiffusionMultimodalPromptFuse", "BlipDiffusionSampler", "BlipDiffusionPLMSSampler",
-    "BlipDiffusionReferenceSigmas", "BlipDiffusionSubjectBlend", "BlipDiffusionSaveSubject", "BlipDiffusionLoadSubject",
-    "BlipDiffusionControlNetLoader", "BlipDiffusionControlNetApply", "BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges",
+    "BlipDiffusionLoader",
+    "BlipDiffusionSubjectEncoderLoader",
+    "BlipDiffusionSubjectEncoder",
+    "BlipDiffusionMultimodalPromptFuse",
+    "BlipDiffusionSampler",
+    "BlipDiffusionPLMSSampler",
+    "BlipDiffusionReferenceSigmas",
+    "BlipDiffusionSubjectBlend",
+    "BlipDiffusionSaveSubject",
+    "BlipDiffusionLoadSubject",
+    "BlipDiffusionControlNetLoader",
+    "BlipDiffusionControlNetApply",
+    "BlipDiffusionCannyEdges",
+    "BlipDiffusionHEDEdges",
 ]
 
 
@@ -57,7 +67,9 @@ def test_a_comfyui_without_an_internal_disables_only_the_nodes_that_use_it(tmp_p
     with ComfyServer(base, hide=["comfy.samplers:KSamplerX0Inpaint"]) as server:
         info = server.get_json("/object_info")
         log = server.log.read_text(errors="replace")
-        entry = server.run_ok(previewed("BlipDiffusionSubjectEncoderLoader", model_name=tiny_model, weight_dtype="auto"))
+        entry = server.run_ok(
+            previewed("BlipDiffusionSubjectEncoderLoader", model_name=tiny_model, weight_dtype="auto")
+        )
     samplers = {"BlipDiffusionSampler", "BlipDiffusionPLMSSampler"}
     assert not samplers & set(info)
     assert set(NODE_IDS) - samplers <= set(info)
@@ -76,9 +88,19 @@ def test_generated_model_loads_through_comfyui_loaders(comfy, tiny_model):
     g = Graph()
     loader = g.add("BlipDiffusionLoader", model_name=tiny_model, weight_dtype="auto")[0]
     text = g.add("CLIPTextEncode", clip=[loader, 1], text="a cat")
-    samples = g.add("KSampler", model=[loader, 0], positive=text, negative=text,
-                    latent_image=g.add("EmptyLatentImage", width=64, height=64, batch_size=1), seed=1, steps=1, cfg=1.0,
-                    sampler_name="euler", scheduler="normal", denoise=1.0)
+    samples = g.add(
+        "KSampler",
+        model=[loader, 0],
+        positive=text,
+        negative=text,
+        latent_image=g.add("EmptyLatentImage", width=64, height=64, batch_size=1),
+        seed=1,
+        steps=1,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
     g.add("SaveImage", "6", images=g.add("VAEDecode", samples=samples, vae=[loader, 2]), filename_prefix="t_loaders")
     assert comfy.image(comfy.run_ok(g), "6").shape == (64, 64, 3)
 

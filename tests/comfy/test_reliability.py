@@ -5,8 +5,9 @@ input must give a clear error (node, input, what was expected) in the HTTP 400 b
 /history, never take the server down, never lose queued work, never run code from a weights
 file and never read outside the pack's folders. Every row of the matrix is a case here: a
 test marked `@covers("<id>")` or a parametrized case with the row's id as its pytest id;
-`test_matrix_doc_lists_exactly_the_tested_rows` keeps the doc and the tests in sync. After each runtime error, and after each group of
-HTTP 400 cases (those never reach the executor), the next valid prompt must succeed.
+`test_matrix_doc_lists_exactly_the_tested_rows` keeps the doc and the tests in sync. After each
+runtime error, and after each group of HTTP 400 cases (those never reach the executor), the next
+valid prompt must succeed.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import aiohttp
 import numpy as np
@@ -35,9 +36,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from blip_diffusion_nodes.tests.graphs import Graph, SubjectGraph, edges, loaded_subject, previewed, probe, zero_shot
 from blip_diffusion_nodes.tools.comfy_server import execution_error
 from blip_diffusion_nodes.tools.lint_safety import CHECKS as LINT_CHECKS
-from blip_diffusion_nodes.tests.graphs import Graph, SubjectGraph, edges, loaded_subject, previewed, probe, zero_shot
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
@@ -79,8 +80,11 @@ def rejected(comfy, prompt: dict, node: str, input_name: str, *expected: str) ->
     assert status == 400, body
     errors = body["node_errors"]
     assert list(errors) == [node], errors
-    texts = [f"{e['message']}: {e['details']}" for e in errors[node]["errors"]
-             if e.get("extra_info", {}).get("input_name") == input_name]
+    texts = [
+        f"{e['message']}: {e['details']}"
+        for e in errors[node]["errors"]
+        if e.get("extra_info", {}).get("input_name") == input_name
+    ]
     assert any(all(x in text for x in expected) for text in texts), (expected, errors)
     return texts[0]
 
@@ -98,6 +102,7 @@ def failed(comfy, prompt: dict, node_type: str, *expected: str) -> str:
 
 # --- the matrix doc ------------------------------------------------------------------------------
 
+
 def doc_ids() -> list[str]:
     return re.findall(r"^\| `([a-z0-9-]+)` \|", DOC.read_text(encoding="utf-8"), flags=re.M)
 
@@ -107,12 +112,15 @@ def test_matrix_doc_lists_exactly_the_tested_rows():
     ids = doc_ids()
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
     covered = COVERED | set(LINT_CHECKS)
-    assert set(ids) == covered, {"in the doc, not tested": sorted(set(ids) - covered),
-                                 "tested, not in the doc": sorted(covered - set(ids))}
+    assert set(ids) == covered, {
+        "in the doc, not tested": sorted(set(ids) - covered),
+        "tested, not in the doc": sorted(covered - set(ids)),
+    }
     assert len(ids) >= 25
 
 
 # --- hostile model folders -----------------------------------------------------------------------
+
 
 class Payload:
     """Pickles to a call of open(marker, "w"): loading it unsafely creates the marker file."""
@@ -148,6 +156,7 @@ def _config_and(write):
         dst.mkdir()
         shutil.copy(tiny / dst.name / "config.json", dst / "config.json")
         write(dst, tiny, marker)
+
     return build
 
 
@@ -157,6 +166,7 @@ def truncated(file: str):
             header = int.from_bytes(f.read(8), "little")
             f.seek(0)
             (dst / file).write_bytes(f.read(8 + header + (1 << 20)))
+
     return _config_and(write)
 
 
@@ -178,12 +188,22 @@ def bad_json(dst: Path, tiny: Path, marker: Path) -> None:
 def sd2_unet(dst: Path, tiny: Path, marker: Path) -> None:
     """An SD-2-shaped UNet (1024-wide cross-attention, linear projections) of the tiny model's size, all zeros."""
     from blip_diffusion_nodes.tools.make_tiny_model import diffusers_shapes, unet_config, write_json
-    config = unet_config("tiny") | {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                                     "use_linear_projection": True}
+
+    config = unet_config("tiny") | {
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+    }
     dst.mkdir()
     write_json(dst / "config.json", config)
-    save_file({k: torch.zeros(shape, dtype=torch.float16) for k, (shape, dtype) in diffusers_shapes(config).items()
-               if dtype.is_floating_point}, str(dst / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {
+            k: torch.zeros(shape, dtype=torch.float16)
+            for k, (shape, dtype) in diffusers_shapes(config).items()
+            if dtype.is_floating_point
+        },
+        str(dst / "diffusion_pytorch_model.safetensors"),
+    )
 
 
 UNET_W = "diffusion_pytorch_model.safetensors"
@@ -194,24 +214,62 @@ HOSTILE = [
     Hostile("model-no-unet", "unet", None, ("unet/config.json", f"unet/{UNET_W}")),
     Hostile("model-no-vae", "vae", None, (f"vae/{UNET_W}",)),
     Hostile("model-bad-config", "unet", bad_json, ("unet/config.json is not valid JSON",)),
-    Hostile("weights-truncated-qformer", "qformer", truncated("model.safetensors"),
-            ("qformer/model.safetensors is not a readable .safetensors file (truncated or corrupt?)",)),
-    Hostile("weights-truncated-unet", "unet", truncated(UNET_W),
-            (f"unet/{UNET_W} is not a readable .safetensors file (truncated or corrupt?)",)),
-    *(Hostile(f"weights-pickle-{part.replace('_', '-')}", part, pickled(file),
-              (f"refused to load", f"{part}/{file}", "weights_only=True rejected it: it would import or call io.open"))
-      for part, file in (("qformer", "pytorch_model.bin"), ("text_encoder", "pytorch_model.bin"),
-                         ("unet", "diffusion_pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin"))),
-    Hostile("arch-unet-sd2", "unet", sd2_unet,
-            ("reads this UNet as SD20 (cross-attention context 1024)", "needs an SD-1.5 UNet")),
-    Hostile("arch-unet-holds-vae", "unet", weights_of("vae", UNET_W, UNET_W),
-            (f"unet/{UNET_W} does not match its config.json", "unexpected tensors ['decoder.")),
-    Hostile("arch-text-encoder-holds-qformer", "text_encoder", weights_of("qformer", "model.safetensors", "model.safetensors"),
-            ("text_encoder/model.safetensors is not SD-1.5's CLIP-L text encoder", "missing text_model.")),
-    Hostile("arch-qformer-holds-text-encoder", "qformer", weights_of("text_encoder", "model.safetensors", "model.safetensors"),
-            ("qformer/model.safetensors does not match the expected model", "unexpected: text_model.")),
-    Hostile("arch-vae-holds-unet", "vae", weights_of("unet", UNET_W, UNET_W),
-            (f"vae/{UNET_W} holds no VAE that ComfyUI recognises", "AutoencoderKL")),
+    Hostile(
+        "weights-truncated-qformer",
+        "qformer",
+        truncated("model.safetensors"),
+        ("qformer/model.safetensors is not a readable .safetensors file (truncated or corrupt?)",),
+    ),
+    Hostile(
+        "weights-truncated-unet",
+        "unet",
+        truncated(UNET_W),
+        (f"unet/{UNET_W} is not a readable .safetensors file (truncated or corrupt?)",),
+    ),
+    *(
+        Hostile(
+            f"weights-pickle-{part.replace('_', '-')}",
+            part,
+            pickled(file),
+            ("refused to load", f"{part}/{file}", "weights_only=True rejected it: it would import or call io.open"),
+        )
+        for part, file in (
+            ("qformer", "pytorch_model.bin"),
+            ("text_encoder", "pytorch_model.bin"),
+            ("unet", "diffusion_pytorch_model.bin"),
+            ("vae", "diffusion_pytorch_model.bin"),
+        )
+    ),
+    Hostile(
+        "arch-unet-sd2",
+        "unet",
+        sd2_unet,
+        ("reads this UNet as SD20 (cross-attention context 1024)", "needs an SD-1.5 UNet"),
+    ),
+    Hostile(
+        "arch-unet-holds-vae",
+        "unet",
+        weights_of("vae", UNET_W, UNET_W),
+        (f"unet/{UNET_W} does not match its config.json", "unexpected tensors ['decoder."),
+    ),
+    Hostile(
+        "arch-text-encoder-holds-qformer",
+        "text_encoder",
+        weights_of("qformer", "model.safetensors", "model.safetensors"),
+        ("text_encoder/model.safetensors is not SD-1.5's CLIP-L text encoder", "missing text_model."),
+    ),
+    Hostile(
+        "arch-qformer-holds-text-encoder",
+        "qformer",
+        weights_of("text_encoder", "model.safetensors", "model.safetensors"),
+        ("qformer/model.safetensors does not match the expected model", "unexpected: text_model."),
+    ),
+    Hostile(
+        "arch-vae-holds-unet",
+        "vae",
+        weights_of("unet", UNET_W, UNET_W),
+        (f"vae/{UNET_W} holds no VAE that ComfyUI recognises", "AutoencoderKL"),
+    ),
 ]
 rows(*(case.id for case in HOSTILE))
 
@@ -246,8 +304,12 @@ def test_the_pickle_payload_is_live(tmp_path):
     """Control for the pickle cases: loaded unsafely, the payload does create its marker."""
     bomb, marker = tmp_path / "bomb.bin", tmp_path / "pwned"
     pickle_bomb(bomb, marker)
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(bomb)!r}, weights_only=False)"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(bomb)!r}, weights_only=False)"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert marker.exists()
 
 
@@ -256,7 +318,7 @@ def test_hostile_model_folder(comfy, tiny_model, hostile_models, markers, case):
     graph = small(hostile_models[case.id], prefix="rel_hostile")
     # Not run (no output uses it), but in the prompt: ComfyUI keeps the tiny model's loaded outputs cached
     # for the health check instead of loading it again after every case.
-    graph.add('BlipDiffusionLoader', '99', model_name=tiny_model, weight_dtype='auto')
+    graph.add("BlipDiffusionLoader", "99", model_name=tiny_model, weight_dtype="auto")
     if case.expected:
         message = failed(comfy, graph, "BlipDiffusionLoader", *case.expected)
         assert hostile_models[case.id] in message  # names the folder
@@ -286,8 +348,14 @@ def test_subject_encoder_file_of_another_kind(comfy, comfy_base, tiny_model):
     path = comfy_base / "models" / "blip_diffusion" / "rel-lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(path))
     try:
-        failed(comfy, previewed("BlipDiffusionSubjectEncoderLoader", model_name=path.name, weight_dtype="auto"), "BlipDiffusionSubjectEncoderLoader",
-               "rel-lora.safetensors does not match the expected model", "missing: ", "unexpected: lora_unet_")
+        failed(
+            comfy,
+            previewed("BlipDiffusionSubjectEncoderLoader", model_name=path.name, weight_dtype="auto"),
+            "BlipDiffusionSubjectEncoderLoader",
+            "rel-lora.safetensors does not match the expected model",
+            "missing: ",
+            "unexpected: lora_unet_",
+        )
     finally:
         path.unlink()
     healthy(comfy, tiny_model)
@@ -296,14 +364,28 @@ def test_subject_encoder_file_of_another_kind(comfy, comfy_base, tiny_model):
 # --- widget values refused before queueing (HTTP 400) ----------------------------------------------
 
 NAMES = [  # (row, node class, model_name, expected)
-    ("loader-name-dotdot", "BlipDiffusionLoader", "../blip_diffusion_subjects",
-     ("model_name: BLIP-Diffusion model '../blip_diffusion_subjects' must be a name inside models/blip_diffusion",
-      "not a path")),
+    (
+        "loader-name-dotdot",
+        "BlipDiffusionLoader",
+        "../blip_diffusion_subjects",
+        (
+            "model_name: BLIP-Diffusion model '../blip_diffusion_subjects' must be a name inside models/blip_diffusion",
+            "not a path",
+        ),
+    ),
     ("loader-name-absolute", "BlipDiffusionLoader", "/etc", ("'/etc' must be a name inside models/blip_diffusion",)),
-    ("loader-name-missing", "BlipDiffusionLoader", "rel-not-there",
-     ("'rel-not-there' not found in models/blip_diffusion (searched: ",)),
-    ("encoder-loader-name-dotdot", "BlipDiffusionSubjectEncoderLoader", "../../user/x.safetensors",
-     ("model_name: subject encoder '../../user/x.safetensors' must be a name inside models/blip_diffusion",)),
+    (
+        "loader-name-missing",
+        "BlipDiffusionLoader",
+        "rel-not-there",
+        ("'rel-not-there' not found in models/blip_diffusion (searched: ",),
+    ),
+    (
+        "encoder-loader-name-dotdot",
+        "BlipDiffusionSubjectEncoderLoader",
+        "../../user/x.safetensors",
+        ("model_name: subject encoder '../../user/x.safetensors' must be a name inside models/blip_diffusion",),
+    ),
 ]
 rows(*(row for row, *_ in NAMES))
 
@@ -339,8 +421,14 @@ def test_zero_steps_are_refused(comfy, tiny_model):
 @covers("subject-empty", "subject-whitespace")
 @pytest.mark.parametrize("subject", ["", " \t\n "], ids=["subject-empty", "subject-whitespace"])
 def test_empty_subject_is_refused(comfy, tiny_model, subject):
-    rejected(comfy, small(tiny_model, subject=subject), "3", "subject", "subject: the category is empty",
-             "name what the image shows")
+    rejected(
+        comfy,
+        small(tiny_model, subject=subject),
+        "3",
+        "subject",
+        "subject: the category is empty",
+        "name what the image shows",
+    )
 
 
 def test_healthy_after_the_refused_values(comfy, tiny_model):
@@ -370,12 +458,17 @@ def text_run(comfy, comfy_base, tiny_model):
     for i, n in enumerate((*LENGTHS, TEXT_FIT)):
         graph.add("BlipDiffusionMultimodalPromptFuse", f"3{i}", **{**graph["4"]["inputs"], "prompt": words(n)})
         probe(graph, f"4{i}", f"rel_prompt_{n}", conditioning=[f"3{i}", 0])
-        graph.add('CLIPTextEncode', f'5{i}', clip=['1', 1], text=words(n))
+        graph.add("CLIPTextEncode", f"5{i}", clip=["1", 1], text=words(n))
         probe(graph, f"6{i}", f"rel_negative_{n}", conditioning=[f"5{i}", 0])
     entry = comfy.run_ok(graph)
-    return {"image": comfy.image(entry, "9"),
-            **{f"{kind}_{n}": comfy.probe(f"rel_{kind}_{n}")[0]["cond0"]
-               for kind in ("prompt", "negative") for n in (*LENGTHS, TEXT_FIT)}}
+    return {
+        "image": comfy.image(entry, "9"),
+        **{
+            f"{kind}_{n}": comfy.probe(f"rel_{kind}_{n}")[0]["cond0"]
+            for kind in ("prompt", "negative")
+            for n in (*LENGTHS, TEXT_FIT)
+        },
+    }
 
 
 @covers(*(f"prompt-{n}" for n in LENGTHS))
@@ -403,8 +496,14 @@ def test_negative_of_any_length(text_run, n):
 @covers("text-non-ascii")
 def test_non_ascii_text_everywhere(comfy, tiny_model):
     subject = "chat noir 🐈 猫"
-    graph = small(tiny_model, subject=subject, prompt="nage sous l'eau, 水中で泳ぐ 🐟 עברית", target="Kätzchen",
-                  negative="schlecht, 悪い 👎", prefix="rel_non_ascii")
+    graph = small(
+        tiny_model,
+        subject=subject,
+        prompt="nage sous l'eau, 水中で泳ぐ 🐟 עברית",
+        target="Kätzchen",
+        negative="schlecht, 悪い 👎",
+        prefix="rel_non_ascii",
+    )
     probe(graph, "20", "rel_non_ascii", subject=["3", 0])
     entry = comfy.run_ok(graph)
     assert comfy.image(entry, "9").shape == (64, 64, 3)
@@ -412,6 +511,7 @@ def test_non_ascii_text_everywhere(comfy, tiny_model):
 
 
 # --- subject images and masks ------------------------------------------------------------------------
+
 
 def png16(path: Path, rgb: np.ndarray) -> None:
     """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
@@ -422,8 +522,9 @@ def png16(path: Path, rgb: np.ndarray) -> None:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -564,15 +665,28 @@ def test_mask_of_another_size_is_resized(comfy, tiny_model):
 def test_mask_batch_mismatch(comfy, tiny_model):
     g = Encodings(tiny_model)
     cat = g.image(CAT)
-    masks = g.add("ImageToMask", channel="red", image=g.add(
-        "RepeatImageBatch", amount=3, image=g.add("MaskToImage", mask=g.add("SolidMask", value=1.0, width=64, height=64))))
+    masks = g.add(
+        "ImageToMask",
+        channel="red",
+        image=g.add(
+            "RepeatImageBatch",
+            amount=3,
+            image=g.add("MaskToImage", mask=g.add("SolidMask", value=1.0, width=64, height=64)),
+        ),
+    )
     g.encode(g.add("RepeatImageBatch", image=cat, amount=2), mask=masks)
-    failed(comfy, g, "BlipDiffusionSubjectEncoder", "mask: 3 masks for 2 subject images",
-           "expected 1 mask (used for every image) or one per image")
+    failed(
+        comfy,
+        g,
+        "BlipDiffusionSubjectEncoder",
+        "mask: 3 masks for 2 subject images",
+        "expected 1 mask (used for every image) or one per image",
+    )
     healthy(comfy, tiny_model)
 
 
 # --- latents ---------------------------------------------------------------------------------------
+
 
 @covers("latent-not-multiple-of-8")
 @pytest.mark.parametrize("width, height, expected", [(100, 68, (64, 96)), (72, 88, (88, 72))])
@@ -586,14 +700,22 @@ def test_latent_sizes(comfy, tiny_model, width, height, expected):
 @covers("batch-mismatch-per-latent")
 def test_three_subject_images_per_latent_for_two_latents(comfy, tiny_model):
     graph = small(tiny_model, batch=2, multi_image="per latent")
-    graph.add('RepeatImageBatch', '11', image=['2', 0], amount=3)
+    graph.add("RepeatImageBatch", "11", image=["2", 0], amount=3)
     graph["3"]["inputs"]["image"] = ["11", 0]
-    failed(comfy, graph, "BlipDiffusionSampler", "positive: a conditioning of batch 3 cannot be paired with 2 latents",
-           "multi_image 'per latent'", "3 subject images for 2 latents", "give as many images as latents")
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionSampler",
+        "positive: a conditioning of batch 3 cannot be paired with 2 latents",
+        "multi_image 'per latent'",
+        "3 subject images for 2 latents",
+        "give as many images as latents",
+    )
     healthy(comfy, tiny_model)
 
 
 # --- subject files -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def subject_folder(comfy):
@@ -606,11 +728,15 @@ def subject_folder(comfy):
 
 
 @covers("subject-file-dotdot", "subject-file-absolute", "subject-file-input-dotdot")
-@pytest.mark.parametrize("name", [
-    "../blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors",
-    "{unet}",  # the absolute path of a file that exists
-    "../models/blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors [input]",
-], ids=["subject-file-dotdot", "subject-file-absolute", "subject-file-input-dotdot"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors",
+        "{unet}",  # the absolute path of a file that exists
+        "../models/blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors [input]",
+    ],
+    ids=["subject-file-dotdot", "subject-file-absolute", "subject-file-input-dotdot"],
+)
 def test_subject_file_names_outside_the_folders(comfy, tiny_model, name):
     unet = comfy.base / "models" / "blip_diffusion" / tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
     name = name.format(unet=unet)
@@ -619,31 +745,45 @@ def test_subject_file_names_outside_the_folders(comfy, tiny_model, name):
 
 @covers("subject-file-not-subject")
 def test_subject_file_of_another_kind(comfy, tiny_model, subject_folder):
-    save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(subject_folder / "rel_lora.safetensors"),
-              metadata={"ss_network_module": "networks.lora"})
-    failed(comfy, loaded_subject("rel_lora.safetensors"), "BlipDiffusionLoadSubject",
-           "rel_lora.safetensors is not a BLIP-Diffusion subject file: expected metadata format='blip_diffusion_subject'")
+    save_file(
+        {"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)},
+        str(subject_folder / "rel_lora.safetensors"),
+        metadata={"ss_network_module": "networks.lora"},
+    )
+    failed(
+        comfy,
+        loaded_subject("rel_lora.safetensors"),
+        "BlipDiffusionLoadSubject",
+        "rel_lora.safetensors is not a BLIP-Diffusion subject file: expected metadata format='blip_diffusion_subject'",
+    )
     healthy(comfy, tiny_model)
 
 
 @covers("subject-file-pickle")
 def test_pickle_subject_file_is_never_opened(comfy, tiny_model, subject_folder, markers):
     pickle_bomb(subject_folder / "rel_evil.pt", markers / "pwned-subject")
-    rejected(comfy, loaded_subject("rel_evil.pt"), "1", "subject_file", "expected a .safetensors subject file",
-             "never pickle")
+    rejected(
+        comfy,
+        loaded_subject("rel_evil.pt"),
+        "1",
+        "subject_file",
+        "expected a .safetensors subject file",
+        "never pickle",
+    )
     assert not any(markers.iterdir())
 
 
 @covers("save-prefix-escape")
 def test_save_subject_outside_the_output_folder(comfy, tiny_model):
     graph = Graph({k: v for k, v in small(tiny_model).items() if k in ("1", "2", "3")})  # the save is the only output
-    graph.add('BlipDiffusionSaveSubject', '12', subject=['3', 0], filename_prefix='../../rel_escape')
+    graph.add("BlipDiffusionSaveSubject", "12", subject=["3", 0], filename_prefix="../../rel_escape")
     rejected(comfy, graph, "12", "filename_prefix", "expected a name inside the output folder")
     healthy(comfy, tiny_model)
     assert not list(comfy.base.parent.glob("rel_escape*")) and not list(comfy.base.glob("rel_escape*"))
 
 
 # --- cancel and the queue ------------------------------------------------------------------------
+
 
 async def run_and_interrupt(comfy, prompt: dict, at_step: int) -> tuple[str, list[int]]:
     """Queue `prompt`, press Cancel (POST /interrupt) once the sampler reports `at_step`; (end event, steps seen)."""
@@ -685,6 +825,7 @@ def rss(comfy) -> int:
 def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
     """30 prompts submitted at once: each valid one saves its image, each invalid one gets its own error,
     and the server's resident memory after a warm-up of 10 grows by less than 200 MB over the last 20."""
+
     def valid(i):
         return small(tiny_model, prefix=f"rel_queue_{i:02}"), None
 
@@ -701,12 +842,22 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
 
     def per_latent_mismatch(i):
         graph = small(tiny_model, batch=2, multi_image="per latent")
-        graph.add('RepeatImageBatch', '11', image=['2', 0], amount=3)
+        graph.add("RepeatImageBatch", "11", image=["2", 0], amount=3)
         graph["3"]["inputs"]["image"] = ["11", 0]
         return graph, ("runtime", "BlipDiffusionSampler", "3 subject images for 2 latents")
 
-    kinds = [valid, valid, empty_subject, valid, incomplete_model, valid, stale_scheduler, valid, per_latent_mismatch,
-             valid]  # 18 valid, 6 refused (HTTP 400), 6 runtime errors
+    kinds = [
+        valid,
+        valid,
+        empty_subject,
+        valid,
+        incomplete_model,
+        valid,
+        stale_scheduler,
+        valid,
+        per_latent_mismatch,
+        valid,
+    ]  # 18 valid, 6 refused (HTTP 400), 6 runtime errors
     submitted = []  # (index, expectation, http status, body)
     for i in range(30):
         prompt, expect = kinds[i % len(kinds)](i)
@@ -747,29 +898,48 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
     end = rss(comfy)
     peak = max(samples[warm_samples:], default=end)
     mb = 1 << 20
-    print(f"server RSS: after warm-up (10 prompts) {warm / mb:.0f} MB, after 30 {end / mb:.0f} MB, "
-          f"peak over the last 20 {peak / mb:.0f} MB, growth {(end - warm) / mb:+.0f} MB")
+    print(
+        f"server RSS: after warm-up (10 prompts) {warm / mb:.0f} MB, after 30 {end / mb:.0f} MB, "
+        f"peak over the last 20 {peak / mb:.0f} MB, growth {(end - warm) / mb:+.0f} MB"
+    )
     assert end - warm < 200 * mb
     healthy(comfy, tiny_model)
 
 
 # --- ControlNet ------------------------------------------------------------------------------------
 
-def controlled(model: str, control=("30", 0), batch: int = 1, start: float = 0.0, end: float = 1.0,
-               controlnet: str | None = None) -> dict:
+
+def controlled(
+    model: str, control=("30", 0), batch: int = 1, start: float = 0.0, end: float = 1.0, controlnet: str | None = None
+) -> dict:
     """small() with a ControlNet (the tiny model's, or `controlnet` from models/controlnet) on `control`."""
     graph = small(model, batch=batch, prefix="rel_cn")
-    graph.add('LoadImage', '30', image='blipd_example_cup.jpg')
-    graph.add('BlipDiffusionControlNetLoader', '31', model_name=controlnet or model)
-    graph.add('BlipDiffusionControlNetApply', '32', positive=['4', 0], negative=['5', 0], control_net=['31', 0], image=list(control), strength=1.0, start_percent=start, end_percent=end)
+    graph.add("LoadImage", "30", image="blipd_example_cup.jpg")
+    graph.add("BlipDiffusionControlNetLoader", "31", model_name=controlnet or model)
+    graph.add(
+        "BlipDiffusionControlNetApply",
+        "32",
+        positive=["4", 0],
+        negative=["5", 0],
+        control_net=["31", 0],
+        image=list(control),
+        strength=1.0,
+        start_percent=start,
+        end_percent=end,
+    )
     graph["7"]["inputs"].update(positive=["32", 0], negative=["32", 1])
     return graph
 
 
 @covers("cn-loader-dotdot")
 def test_controlnet_name_outside_its_folder(comfy, tiny_model):
-    rejected(comfy, controlled(tiny_model, controlnet="../blip_diffusion/" + tiny_model), "31", "model_name",
-             "must be a name inside models/controlnet")
+    rejected(
+        comfy,
+        controlled(tiny_model, controlnet="../blip_diffusion/" + tiny_model),
+        "31",
+        "model_name",
+        "must be a name inside models/controlnet",
+    )
     healthy(comfy, tiny_model)
 
 
@@ -781,8 +951,14 @@ def test_controlnet_pickle_is_never_run(comfy, comfy_base, tiny_model, tmp_path)
     try:
         shutil.copy(comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json", folder)
         pickle_bomb(folder / "diffusion_pytorch_model.bin", marker)
-        failed(comfy, controlled(tiny_model, controlnet="rel-cn-pickle/diffusion_pytorch_model.bin"),
-               "BlipDiffusionControlNetLoader", "refused to load", "diffusion_pytorch_model.bin", "weights_only=True")
+        failed(
+            comfy,
+            controlled(tiny_model, controlnet="rel-cn-pickle/diffusion_pytorch_model.bin"),
+            "BlipDiffusionControlNetLoader",
+            "refused to load",
+            "diffusion_pytorch_model.bin",
+            "weights_only=True",
+        )
     finally:
         shutil.rmtree(folder)
     assert not marker.exists()
@@ -798,10 +974,17 @@ def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
     try:
         config = {**controlnet_config("tiny"), "cross_attention_dim": 2048}  # SDXL's text width
         (folder / "config.json").write_text(json.dumps(config))
-        save_file(state_dict(diffusers_shapes(config), 2, torch.float16, "controlnet"),
-                  str(folder / "diffusion_pytorch_model.safetensors"))
-        failed(comfy, controlled(tiny_model, controlnet="rel-cn-2048/diffusion_pytorch_model.safetensors"),
-               "BlipDiffusionControlNetApply", "cross-attends to 2048-wide", "768")
+        save_file(
+            state_dict(diffusers_shapes(config), 2, torch.float16, "controlnet"),
+            str(folder / "diffusion_pytorch_model.safetensors"),
+        )
+        failed(
+            comfy,
+            controlled(tiny_model, controlnet="rel-cn-2048/diffusion_pytorch_model.safetensors"),
+            "BlipDiffusionControlNetApply",
+            "cross-attends to 2048-wide",
+            "768",
+        )
     finally:
         shutil.rmtree(folder)
     healthy(comfy, tiny_model)
@@ -810,9 +993,15 @@ def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
 @covers("cn-image-batch-mismatch")
 def test_control_images_for_other_latent_count(comfy, tiny_model):
     graph = controlled(tiny_model, control=("33", 0), batch=3)
-    graph.add('ImageBatch', '33', image1=['30', 0], image2=['30', 0])
-    failed(comfy, graph, "BlipDiffusionSampler", "image is a batch of 2 control images", "3 latents",
-           "give 1 control image (for all) or one per latent")
+    graph.add("ImageBatch", "33", image1=["30", 0], image2=["30", 0])
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionSampler",
+        "image is a batch of 2 control images",
+        "3 latents",
+        "give 1 control image (for all) or one per latent",
+    )
     healthy(comfy, tiny_model)
 
 
@@ -820,14 +1009,18 @@ def test_control_images_for_other_latent_count(comfy, tiny_model):
 @pytest.mark.parametrize("mode", ["gray", "rgba"], ids=["cn-image-gray", "cn-image-rgba"])
 def test_gray_and_rgba_control_images(comfy, tiny_model, mode):
     graph = controlled(tiny_model, control=("33", 0))
-    graph.add('ProbeImageChannels', '33', image=['30', 0], mode=mode)
+    graph.add("ProbeImageChannels", "33", image=["30", 0], mode=mode)
     assert comfy.image(comfy.run_ok(graph), "9").shape == (64, 64, 3)
 
 
 @covers("cn-start-after-end")
 def test_control_window_that_ends_before_it_starts(comfy, tiny_model):
-    failed(comfy, controlled(tiny_model, start=0.8, end=0.2), "BlipDiffusionControlNetApply",
-           "start_percent 0.8 is after end_percent 0.2")
+    failed(
+        comfy,
+        controlled(tiny_model, start=0.8, end=0.2),
+        "BlipDiffusionControlNetApply",
+        "start_percent 0.8 is after end_percent 0.2",
+    )
     healthy(comfy, tiny_model)
 
 
@@ -836,8 +1029,14 @@ def test_hed_annotator_without_its_file(comfy, comfy_base, tiny_model):
     folder = comfy_base / "models" / "annotators" / "rel-empty-annotators"
     folder.mkdir(parents=True)
     try:
-        graph = edges("BlipDiffusionHEDEdges", "blipd_example_cup.jpg", annotator=folder.name, scribble=False,
-                      safe=False, resolution=128)
+        graph = edges(
+            "BlipDiffusionHEDEdges",
+            "blipd_example_cup.jpg",
+            annotator=folder.name,
+            scribble=False,
+            safe=False,
+            resolution=128,
+        )
         rejected(comfy, graph, "2", "annotator", "no ControlNetHED.pth in", str(folder))
     finally:
         shutil.rmtree(folder)

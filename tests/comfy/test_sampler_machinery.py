@@ -47,8 +47,9 @@ def test_progress_and_previews(comfy, tiny_model):
 
 
 def test_cancel_mid_sampling_then_the_next_prompt_runs(comfy, tiny_model):
-    seen = asyncio.run(watch(comfy, zero_shot(tiny_model, size=256, steps=40, seed=12, prefix="cancelled"),
-                             interrupt_at_step=2))
+    seen = asyncio.run(
+        watch(comfy, zero_shot(tiny_model, size=256, steps=40, seed=12, prefix="cancelled"), interrupt_at_step=2)
+    )
     assert seen["end"] == "execution_interrupted"
     steps = [value for node, value, _ in seen["progress"] if node == "7"]
     assert max(steps) < 40

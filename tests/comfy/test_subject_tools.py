@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blip_diffusion_nodes.tools.comfy_server import execution_error
 from blip_diffusion_nodes.tests.graphs import SubjectGraph as Graph
 from blip_diffusion_nodes.tests.graphs import loaded_subject, probe, shrink, twin
+from blip_diffusion_nodes.tools.comfy_server import execution_error
 
 ROOT = Path(__file__).resolve().parents[2]
 CAT, CUP = "blipd_example_cat.jpg", "blipd_example_cup.jpg"
@@ -79,9 +79,19 @@ def per_latent_sample(comfy, tiny_model, views: tuple[str, str], name: str) -> t
     positive = g.fuse(g.encode(batch(g, *(images[v] for v in views))), "per latent")
     negative = g.add("CLIPTextEncode", clip=[g.model, 1], text="")
     latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=2)
-    samples = g.add("BlipDiffusionSampler", model=[g.model, 0], positive=positive, negative=negative,
-                     latent_image=latent, seed=7, steps=2, cfg=7.5, sampler_name="pndm", scheduler="reference",
-                     denoise=1.0)
+    samples = g.add(
+        "BlipDiffusionSampler",
+        model=[g.model, 0],
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=7,
+        steps=2,
+        cfg=7.5,
+        sampler_name="pndm",
+        scheduler="reference",
+        denoise=1.0,
+    )
     probe(g, None, name, conditioning=positive, latent=samples)
     comfy.run_ok(g)
     return comfy.probe(name)[0]
@@ -107,8 +117,12 @@ def test_blend_endpoints_are_exact_and_category_is_stated(comfy, tiny_model):
     probe(g, None, "blend_a", subject=cat)
     probe(g, None, "blend_b", subject=cup)
     for name, ratio, category in (("blend_0", 0.0, ""), ("blend_1", 1.0, ""), ("blend_q", 0.25, "cupcat")):
-        probe(g, None, name, subject=g.add("BlipDiffusionSubjectBlend", subject_a=cat, subject_b=cup, ratio=ratio,
-                                     category=category))
+        probe(
+            g,
+            None,
+            name,
+            subject=g.add("BlipDiffusionSubjectBlend", subject_a=cat, subject_b=cup, ratio=ratio, category=category),
+        )
     comfy.run_ok(g)
     (a, _), (b, _) = comfy.probe("blend_a"), comfy.probe("blend_b")
     (zero, zero_meta), (one, one_meta), (quarter, quarter_meta) = (comfy.probe(f"blend_{n}") for n in "01q")
@@ -138,8 +152,12 @@ def test_save_then_load_is_bit_exact_from_models_and_input(comfy, tiny_model):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert {k: meta[k] for k in ("format", "version", "category", "preprocess", "encoder")} == {
-        "format": "blip_diffusion_subject", "version": "1", "category": "cat", "preprocess": "squash",
-        "encoder": tiny_model}
+        "format": "blip_diffusion_subject",
+        "version": "1",
+        "category": "cat",
+        "preprocess": "squash",
+        "encoder": tiny_model,
+    }
     assert len(meta["image_sha256"]) == 64
 
     models = comfy.base / "models" / "blip_diffusion_subjects" / "pets"
@@ -151,8 +169,15 @@ def test_save_then_load_is_bit_exact_from_models_and_input(comfy, tiny_model):
     assert {"pets/roundtrip.safetensors", "roundtrip_in.safetensors [input]"} <= set(listed)
 
     g = Graph(tiny_model)
-    probe(g, None, "loaded_models", subject=g.add("BlipDiffusionLoadSubject", subject_file="pets/roundtrip.safetensors"))
-    probe(g, None, "loaded_input", subject=g.add("BlipDiffusionLoadSubject", subject_file="roundtrip_in.safetensors [input]"))
+    probe(
+        g, None, "loaded_models", subject=g.add("BlipDiffusionLoadSubject", subject_file="pets/roundtrip.safetensors")
+    )
+    probe(
+        g,
+        None,
+        "loaded_input",
+        subject=g.add("BlipDiffusionLoadSubject", subject_file="roundtrip_in.safetensors [input]"),
+    )
     comfy.run_ok(g)
     original, original_meta = comfy.probe("saved_subject")
     for name in ("loaded_models", "loaded_input"):
@@ -186,12 +211,22 @@ def test_save_rejects_prefixes_that_escape_the_output_folder(comfy, tiny_model, 
     assert "expected a name inside the output folder" in rejected(comfy, g)
 
 
-@pytest.mark.parametrize("file, metadata, message", [
-    ("version2.safetensors", {"format": "blip_diffusion_subject", "version": "2", "category": "cat"},
-     "version2.safetensors is a subject file of format version '2'; this pack reads version '1'"),
-    ("not_a_subject.safetensors", None, "not_a_subject.safetensors is not a BLIP-Diffusion subject file: expected "
-                                        "metadata format='blip_diffusion_subject'"),
-])
+@pytest.mark.parametrize(
+    "file, metadata, message",
+    [
+        (
+            "version2.safetensors",
+            {"format": "blip_diffusion_subject", "version": "2", "category": "cat"},
+            "version2.safetensors is a subject file of format version '2'; this pack reads version '1'",
+        ),
+        (
+            "not_a_subject.safetensors",
+            None,
+            "not_a_subject.safetensors is not a BLIP-Diffusion subject file: expected "
+            "metadata format='blip_diffusion_subject'",
+        ),
+    ],
+)
 def test_load_of_another_file_kind_or_version_says_what_was_expected(comfy, file, metadata, message):
     folder = comfy.base / "models" / "blip_diffusion_subjects"
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,11 +239,28 @@ def test_load_of_another_file_kind_or_version_says_what_was_expected(comfy, file
 def test_lavis_fine_tuned_subject_imports_and_drives_a_graph(comfy, tiny_model, tmp_path):
     cache = torch.randn(1, 16, 768, generator=torch.Generator().manual_seed(11))
     checkpoint = tmp_path / "checkpoint_39.pth"  # LAVIS's layout: trained parameters under "model"
-    torch.save({"model": {"ctx_embeddings_cache": cache, "unet.conv_in.weight": torch.randn(320, 4, 3, 3)},
-                "optimizer": {"state": {}, "param_groups": []}, "epoch": 0}, checkpoint)
+    torch.save(
+        {
+            "model": {"ctx_embeddings_cache": cache, "unet.conv_in.weight": torch.randn(320, 4, 3, 3)},
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 0,
+        },
+        checkpoint,
+    )
     out = comfy.base / "models" / "blip_diffusion_subjects" / "lavis_dog.safetensors"
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "import_lavis_subject.py"), str(checkpoint), str(out),
-                          "--category", "dog"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "import_lavis_subject.py"),
+            str(checkpoint),
+            str(out),
+            "--category",
+            "dog",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
 
     g = Graph(tiny_model)
@@ -224,9 +276,19 @@ def test_lavis_fine_tuned_subject_imports_and_drives_a_graph(comfy, tiny_model, 
 def test_lavis_import_tool_refuses_a_pickle_that_runs_code(tmp_path):
     checkpoint = tmp_path / "evil.pth"
     torch.save({"model": {"ctx_embeddings_cache": torch.ones(1, 16, 768)}, "hook": print}, checkpoint)
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "import_lavis_subject.py"), str(checkpoint),
-                          str(tmp_path / "out.safetensors"), "--category", "dog"], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "import_lavis_subject.py"),
+            str(checkpoint),
+            str(tmp_path / "out.safetensors"),
+            "--category",
+            "dog",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and "weights_only=True rejected it" in run.stderr
     assert not (tmp_path / "out.safetensors").exists()
 

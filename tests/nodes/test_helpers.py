@@ -18,8 +18,10 @@ from blip_diffusion_nodes.tools.make_tiny_model import controlnet_config, diffus
 
 def test_this_comfyui_has_every_internal_the_pack_uses():
     assert compat.problems() == {}
-    assert {n.define_schema().node_id for n in available_nodes()} >= {"BlipDiffusionSampler",
-                                                                      "BlipDiffusionControlNetApply"}
+    assert {n.define_schema().node_id for n in available_nodes()} >= {
+        "BlipDiffusionSampler",
+        "BlipDiffusionControlNetApply",
+    }
 
 
 def test_a_missing_internal_names_itself():
@@ -48,8 +50,18 @@ def test_controlnet_key_mapping_covers_every_diffusers_tensor():
     assert mapping["controlnet_cond_embedding.conv_out.weight"] == "input_hint_block.14.weight"  # 6 blocks + in/out
 
 
-@pytest.mark.parametrize("name, escapes", [("model", False), ("sub/model.safetensors", False), ("", True), (" ", True),
-                                           ("../x", True), ("a/../../x", True), ("/etc", True)])
+@pytest.mark.parametrize(
+    "name, escapes",
+    [
+        ("model", False),
+        ("sub/model.safetensors", False),
+        ("", True),
+        (" ", True),
+        ("../x", True),
+        ("a/../../x", True),
+        ("/etc", True),
+    ],
+)
 def test_names_that_would_leave_their_folder(name, escapes):
     assert paths.escapes(name) is escapes
     assert (paths.prefix_error(name) is not None) is escapes
@@ -57,7 +69,8 @@ def test_names_that_would_leave_their_folder(name, escapes):
 
 def test_combo_error_names_the_input_and_the_choices():
     assert combo_error("sampler_name", "plms", ["pndm", "euler"]) == (
-        "sampler_name: 'plms' is not one of the choices (pndm, euler); pick one of them")
+        "sampler_name: 'plms' is not one of the choices (pndm, euler); pick one of them"
+    )
     assert combo_error("sampler_name", "pndm", ["pndm"]) is None
     assert combo_error("sampler_name", None, ["pndm"]) is None  # a linked input
 
@@ -84,7 +97,7 @@ def test_fused_tokens_splice_the_subject_after_a(clip):
     assert len(chunk) == MAX_LENGTH
     assert chunk[:2] == text[:2]  # BOS, "a"
     assert all(torch.equal(chunk[2 + i][0], context[i]) for i in range(NUM_QUERY_TOKENS))
-    assert chunk[2 + NUM_QUERY_TOKENS:2 + NUM_QUERY_TOKENS + 4] == text[2:6]  # "cat swimming underwater", EOS
+    assert chunk[2 + NUM_QUERY_TOKENS : 2 + NUM_QUERY_TOKENS + 4] == text[2:6]  # "cat swimming underwater", EOS
 
 
 def test_fused_tokens_keep_59_text_tokens_of_a_long_prompt(clip):
@@ -105,14 +118,18 @@ class Guider:  # what ComfyUI hands a SAMPLER: its guider, whose inner model hol
 
 
 def test_reference_samplers_accept_sd15_epsilon():
-    compat.check_reference_schedule(Guider(model_sampling(comfy.model_sampling.ModelSamplingDiscrete,
-                                                          comfy.model_sampling.EPS)), "pndm")
+    compat.check_reference_schedule(
+        Guider(model_sampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS)), "pndm"
+    )
 
 
-@pytest.mark.parametrize("kinds, expected", [
-    ((comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION), "v-prediction"),
-    ((comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST), "flow"),
-])
+@pytest.mark.parametrize(
+    "kinds, expected",
+    [
+        ((comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION), "v-prediction"),
+        ((comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST), "flow"),
+    ],
+)
 def test_reference_samplers_refuse_other_predictions(kinds, expected):
     with pytest.raises(ValueError, match=f"epsilon-prediction model.*{expected}"):
         compat.check_reference_schedule(Guider(model_sampling(*kinds)), "pndm")

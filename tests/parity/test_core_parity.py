@@ -112,7 +112,7 @@ def test_plms_matches_diffusers_scheduler(core_fixture, steps):
     def eps_fn(x, sigma):
         t = int((table - sigma).abs().argmin())
         calls.append(t)
-        z = x / (1 + sigma ** 2).sqrt()
+        z = x / (1 + sigma**2).sqrt()
         return synthetic_eps(z.float(), t, weight).double()
 
     x = z_init.double() * (1 + sigmas[0] ** 2).sqrt()

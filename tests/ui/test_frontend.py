@@ -26,8 +26,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from blip_diffusion_nodes.tests.graphs import (  # the CPU-friendly edit the server tests use too
+    SIZE_INPUTS,
+    shrink,
+    twin,
+)
 from blip_diffusion_nodes.tools.comfy_server import PACK_NAME
-from blip_diffusion_nodes.tests.graphs import SIZE_INPUTS, shrink, twin  # the CPU-friendly edit the server tests use too
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -51,8 +55,14 @@ def _browser_or_skip() -> None:
 def drive(url: str, files: list[Path], *options: str, timeout: float = 400) -> dict[str, dict]:
     """Run drive.js; its JSON lines by workflow name. Its own process group, so that a timeout also ends
     the Chromium that playwright started (killing node alone would leave it running)."""
-    proc = subprocess.Popen(["node", str(HERE / "drive.js"), url, *options, *map(str, files)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["node", str(HERE / "drive.js"), url, *options, *map(str, files)],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -188,4 +198,6 @@ def write_thumbnails(results: dict[str, dict]) -> None:
     # octree keeps the link colours, median cut shifted them).
     shot = Image.open(report(results, "zero_shot")["screenshot"]).convert("RGB")
     (ROOT / "docs").mkdir(exist_ok=True)
-    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(ROOT / "docs" / "zero_shot_graph.png", optimize=True)
+    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(
+        ROOT / "docs" / "zero_shot_graph.png", optimize=True
+    )

@@ -19,9 +19,15 @@ class ProbeSaveTensors:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"name": ("STRING", {"default": "probe"})},
-                "optional": {"conditioning": ("CONDITIONING",), "subject": ("BLIPD_SUBJECT",),
-                             "latent": ("LATENT",), "image": ("IMAGE",)}}
+        return {
+            "required": {"name": ("STRING", {"default": "probe"})},
+            "optional": {
+                "conditioning": ("CONDITIONING",),
+                "subject": ("BLIPD_SUBJECT",),
+                "latent": ("LATENT",),
+                "image": ("IMAGE",),
+            },
+        }
 
     def save(self, name, conditioning=None, subject=None, latent=None, image=None):
         tensors, meta = {}, {}
@@ -43,8 +49,11 @@ class ProbeSaveTensors:
             tensors["image"] = image
         folder = os.path.join(folder_paths.get_output_directory(), "probe")
         os.makedirs(folder, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(folder, f"{name}.safetensors"), metadata=meta)
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+            os.path.join(folder, f"{name}.safetensors"),
+            metadata=meta,
+        )
         return {"ui": {"probe": [name]}}
 
 
@@ -69,8 +78,10 @@ def _chain_hints(control):
 def _save(name, tensors):
     folder = os.path.join(folder_paths.get_output_directory(), "probe")
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-              os.path.join(folder, f"{name}.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+        os.path.join(folder, f"{name}.safetensors"),
+    )
 
 
 class ProbeControlResiduals:
@@ -145,5 +156,9 @@ class ProbeImageChannels:
         return (torch.cat([image, torch.full_like(image[..., :1], 0.5)], dim=-1),)
 
 
-NODE_CLASS_MAPPINGS = {"ProbeSaveTensors": ProbeSaveTensors, "ProbeControlResiduals": ProbeControlResiduals,
-                       "ProbeSaveControlNet": ProbeSaveControlNet, "ProbeImageChannels": ProbeImageChannels}
+NODE_CLASS_MAPPINGS = {
+    "ProbeSaveTensors": ProbeSaveTensors,
+    "ProbeControlResiduals": ProbeControlResiduals,
+    "ProbeSaveControlNet": ProbeSaveControlNet,
+    "ProbeImageChannels": ProbeImageChannels,
+}
