@@ -47,13 +47,7 @@ class ProbeSaveTensors:
             tensors["latent"] = latent["samples"]
         if image is not None:
             tensors["image"] = image
-        folder = os.path.join(folder_paths.get_output_directory(), "probe")
-        os.makedirs(folder, exist_ok=True)
-        save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-            os.path.join(folder, f"{name}.safetensors"),
-            metadata=meta,
-        )
+        _save(name, tensors, meta)
         return {"ui": {"probe": [name]}}
 
 
@@ -75,12 +69,14 @@ def _chain_hints(control):
     return hints
 
 
-def _save(name, tensors):
+def _save(name, tensors, metadata=None):
+    """output/probe/<name>.safetensors, every tensor as float32 (what tests/comfy reads with comfy.probe)."""
     folder = os.path.join(folder_paths.get_output_directory(), "probe")
     os.makedirs(folder, exist_ok=True)
     save_file(
         {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
         os.path.join(folder, f"{name}.safetensors"),
+        metadata=metadata,
     )
 
 
