@@ -122,6 +122,40 @@ class Reference:
             )
         )
 
+    def invert(self, size: int, steps: int) -> dict:
+        """DDIM inversion at guidance 1, as LAVIS's _ddim_inverse: the prompt's encoding and the loop with
+        DDIMInverseScheduler (the photo's VAE latent is made once, outside the timing, as it is cached on the pack's
+        side)."""
+        from diffusers import DDIMInverseScheduler
+
+        pipe = self.plain
+        if getattr(self, "photo_size", None) != size:
+            photo = Image.fromarray(bench_images(1)[0]).resize((size, size), Image.BICUBIC)
+            pixels = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+            with torch.no_grad():
+                latent = pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)).latent_dist.mode()
+            self.photo_latent, self.photo_size = latent * pipe.vae.config.scaling_factor, size
+
+        def run():
+            ids = pipe.tokenizer(
+                "a dog on the grass", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            cond = pipe.text_encoder(input_ids=ids)[0]
+            scheduler = DDIMInverseScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            )
+            scheduler.set_timesteps(steps)
+            z = self.photo_latent
+            for t in scheduler.timesteps:
+                z = scheduler.step(pipe.unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
+
+        return self._timed(run)
+
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}
 

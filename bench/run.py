@@ -1,6 +1,6 @@
 """`make bench`: the pack against the real diffusers reference, same machine, same weights, one run.
 
-    python bench/run.py [--device cpu|cuda] [--repeats 3] [--size N] [--steps N] [--skip-generate]
+    python bench/run.py [--device cpu|cuda] [--repeats 3] [--size N] [--steps N] [--only encode,invert,...]
 
 Random full-size weights in the released layout (with a ControlNet) are generated once into
 .cache/bench/. The pack runs as users run it: the example graph in a real ComfyUI server
@@ -151,6 +151,33 @@ class Pack:
         g["4"]["inputs"]["subject"] = "dog"  # cached: only the fuse runs
         return self.seconds(probe(g, "9", "bench_cond", conditioning=["5", 0]))
 
+    def invert(self) -> float:
+        """DDIM inversion of the photo at the bench size (the photo's VAE latent is cached after the warm-up;
+        the prompt varies, so its encoding counts, as on the reference side)."""
+        n = next(self.variant)
+        g = Graph()
+        loader = g.add("BlipDiffusionLoader", "1", model_name=MODEL, weight_dtype="auto")[0]
+        photo = g.add(
+            "ImageScale",
+            "3",
+            image=g.add("LoadImage", "2", image="bench_subject.png"),
+            upscale_method="bicubic",
+            width=self.size,
+            height=self.size,
+            crop="center",
+        )
+        prompt = g.add("CLIPTextEncode", "5", clip=[loader, 1], text="a dog on the grass" + " " * n)
+        inverted = g.add(
+            "BlipDiffusionDDIMInversion",
+            "6",
+            model=[loader, 0],
+            positive=prompt,
+            latent=g.add("VAEEncode", "4", pixels=photo, vae=[loader, 2]),
+            steps=self.steps,
+            cfg=1.0,
+        )
+        return self.seconds(probe(g, "7", "bench_inverted", latent=inverted))
+
     def generate(self, controlnet: bool) -> float:
         g = self.graph()
         n = next(self.variant)
@@ -216,15 +243,26 @@ def row(name: str, pack: list, ref: list) -> str:
     )
 
 
+MEASUREMENTS = ("encode", "conditioning", "generate", "controlnet", "invert", "fp32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--skip-generate", action="store_true", help="only loading, subject encoding, conditioning")
+    parser.add_argument(
+        "--only",
+        default=",".join(MEASUREMENTS),
+        help=f"comma-separated measurements to run, of {', '.join(MEASUREMENTS)} (the model load, "
+        "and peak memory, always)",
+    )
     parser.add_argument("--server-args", default="", help="extra ComfyUI flags, e.g. --use-pytorch-cross-attention")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(MEASUREMENTS):
+        parser.error(f"--only: unknown measurements {sorted(only - set(MEASUREMENTS))}; choose from {MEASUREMENTS}")
     gpu = args.device == "cuda"
     size, steps = args.size or (512 if gpu else 256), args.steps or (25 if gpu else 10)
     model = full_model()
@@ -240,58 +278,58 @@ def main() -> None:
             start = time.perf_counter()
             ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")["seconds"]
             rows.append(f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load:.2f} | - | - |")
-            for batch in (1, 4):
-                rows.append(
-                    row(
-                        f"subject encoding, batch {batch}",
-                        *measure(
-                            args.repeats,
-                            lambda b=batch: pack.encode(b),
-                            lambda b=batch: reference(ref("encode", batch=b)),
-                        ),
-                    )
-                )
-            rows.append(
-                row(
+
+            def measured(name: str, pack_fn, ref_op: str, **ref_args) -> tuple[list, list]:
+                times = measure(args.repeats, pack_fn, lambda: reference(ref(ref_op, **ref_args)))
+                rows.append(row(name, *times))
+                return times
+
+            if "encode" in only:
+                for batch in (1, 4):
+                    measured(f"subject encoding, batch {batch}", lambda b=batch: pack.encode(b), "encode", batch=batch)
+            if "conditioning" in only:
+                measured(
                     "conditioning (prompt with the subject)",
-                    *measure(
-                        args.repeats,
-                        pack.conditioning,
-                        lambda: reference(ref("conditioning", prompt="swimming underwater")),
+                    pack.conditioning,
+                    "conditioning",
+                    prompt="swimming underwater",
+                )
+            seeds = itertools.count()
+            for controlnet in (False, True):
+                if ("controlnet" if controlnet else "generate") not in only:
+                    continue
+                name = f"generation {size}x{size}, {steps} steps, CFG 7.5" + (", ControlNet" if controlnet else "")
+                pack_times = measure(
+                    args.repeats,
+                    lambda c=controlnet: pack.generate(c),
+                    lambda c=controlnet: reference(
+                        ref("generate", size=size, steps=steps, controlnet=c, seed=next(seeds))
                     ),
                 )
-            )
-            if not args.skip_generate:
-                seeds = itertools.count()
-                for controlnet in (False, True):
-                    name = f"generation {size}x{size}, {steps} steps, CFG 7.5" + (", ControlNet" if controlnet else "")
-                    pack_times, ref_times = measure(
-                        args.repeats,
-                        lambda c=controlnet: pack.generate(c),
-                        lambda c=controlnet: reference(
-                            ref("generate", size=size, steps=steps, controlnet=c, seed=next(seeds))
-                        ),
+                rows.append(row(name, *pack_times))
+                if gpu:
+                    rows.append(
+                        f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
+                        f"{steps / statistics.median(t[0] for t in pack_times[0]):.1f} | "
+                        f"{steps / statistics.median(t[0] for t in pack_times[1]):.1f} | - | - |"
                     )
-                    rows.append(row(name, pack_times, ref_times))
-                    if gpu:
-                        rows.append(
-                            f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
-                            f"{steps / statistics.median(t[0] for t in pack_times):.1f} | "
-                            f"{steps / statistics.median(t[0] for t in ref_times):.1f} | - | - |"
-                        )
+            if "invert" in only:
+                measured(
+                    f"DDIM inversion {size}x{size}, {steps} steps, guidance 1",
+                    pack.invert,
+                    "invert",
+                    size=size,
+                    steps=steps,
+                )
             pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
             rows.append(
                 f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |"
             )
-            if not gpu:  # the pack's CPU default is bfloat16 where the CPU has it: the same-precision row too
-                # (last: a second subject encoder in the server would count in its peak memory above)
-                rows.append(
-                    row(
-                        "subject encoding, batch 1, pack forced to fp32",
-                        *measure(
-                            args.repeats, lambda: pack.encode(1, "fp32"), lambda: reference(ref("encode", batch=1))
-                        ),
-                    )
+            # The pack's CPU default is bfloat16 where the CPU has it: the same-precision row too (last: a second
+            # subject encoder in the server would count in its peak memory above).
+            if not gpu and "fp32" in only:
+                measured(
+                    "subject encoding, batch 1, pack forced to fp32", lambda: pack.encode(1, "fp32"), "encode", batch=1
                 )
     finally:
         ref.close()

@@ -10,13 +10,21 @@ from .api import ComfyExtension, io
 
 paths.register()
 
-from . import control, loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
+from . import control, inversion, loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
 
 
 def available_nodes() -> list[type[io.ComfyNode]]:
     """Every node whose dependencies are there: a missing optional package or ComfyUI internal disables
     only the nodes that need it, and the log says which."""
-    nodes = [*loaders.NODES, *subject.NODES, *subject_tools.NODES, *prompt.NODES, *sampling.NODES, *control.NODES]
+    nodes = [
+        *loaders.NODES,
+        *subject.NODES,
+        *subject_tools.NODES,
+        *prompt.NODES,
+        *sampling.NODES,
+        *inversion.NODES,
+        *control.NODES,
+    ]
     # find_spec, not import: controlnet-aux is slow to import and only needed when an edge node runs.
     if importlib.util.find_spec("controlnet_aux") is None:
         names = ", ".join(node.define_schema().display_name for node in control.EDGE_NODES)

@@ -39,7 +39,7 @@ import torch
 from comfy.cli_args import args
 
 from ..blip_core.layout import WEIGHT_SUFFIXES
-from ..blip_core.sampling import reference_sigmas
+from ..blip_core.sampling import training_sigmas
 
 try:
     from comfyui_version import __version__ as COMFYUI_VERSION
@@ -47,7 +47,12 @@ except ImportError:  # a ComfyUI older than the version file, or a vendored tree
     COMFYUI_VERSION = "(unknown version)"
 
 LOADER = ("BlipDiffusionLoader",)
-SAMPLERS = ("BlipDiffusionSampler", "BlipDiffusionPLMSSampler")
+SAMPLERS = (
+    "BlipDiffusionSampler",
+    "BlipDiffusionPLMSSampler",
+    "BlipDiffusionDDIMSampler",
+    "BlipDiffusionDDIMInversion",
+)
 FUSE = ("BlipDiffusionMultimodalPromptFuse",)
 CONTROLNET_APPLY = ("BlipDiffusionControlNetApply",)
 CONTROLNET_LOADER = ("BlipDiffusionControlNetLoader",)
@@ -503,7 +508,7 @@ def check_reference_schedule(model_wrap, sampler: str) -> None:
             f"schedule (SD-1.5, as BLIP-Diffusion); this model samples with {kind} ({_prediction(sampling)}). "
             "Use one of ComfyUI's samplers with it, or remove the node that changed its sampling"
         )
-    expected = reference_sigmas(1000)[:-1].flip(0)  # sigma(t) for t = 0..999
+    expected = training_sigmas()
     if sampling.sigmas.shape != expected.shape or not torch.allclose(
         sampling.sigmas.float().cpu(), expected, rtol=1e-4
     ):

@@ -9,6 +9,9 @@ tests compare with the float32 reference.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,29 @@ class ReferenceFixture:
 @pytest.fixture(scope="session")
 def core_fixture() -> ReferenceFixture:
     return ReferenceFixture(FIXTURES / "core_parity.npz")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Callable[..., dict[str, np.ndarray]]:
+    """run(script, **request): a tools/reference/ script run in the pinned reference venv ($REFERENCE_PYTHON,
+    else .refvenv) on the JSON request; the arrays it saved. `make test` builds the venv: a missing one fails."""
+    python = Path(os.environ.get("REFERENCE_PYTHON", ROOT / ".refvenv" / "bin" / "python"))
+    if not python.is_file():
+        pytest.fail(f"the reference venv is missing ({python}): `make test` builds it")
+
+    def run(script: str, **request) -> dict[str, np.ndarray]:
+        folder = tmp_path_factory.mktemp("reference")
+        (folder / "request.json").write_text(json.dumps(request))
+        out = folder / "reference.npz"
+        subprocess.run(
+            [str(python), str(ROOT / "tools" / "reference" / script), str(folder / "request.json"), str(out)],
+            check=True,
+            timeout=900,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+        return dict(np.load(out))
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,50 @@ def zero_shot(
     return g
 
 
+def inversion(
+    model: str,
+    image: str,
+    prompt: str = "a cat sitting on a sofa",
+    negative: str = NEGATIVE,
+    steps: int = 4,
+    cfg: float = 7.5,
+    invert_cfg: float = 1.0,
+    prefix: str = "inversion",
+) -> Graph:
+    """Loader (1) -> photo (2) -> VAEEncode (3) -> prompt (4), negative (5) -> DDIM Inversion (6) ->
+    BlipDiffusionSampler reference_ddim from it (7) -> VAEDecode (8) -> SaveImage (9)."""
+    g = Graph()
+    loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")[0]
+    latent = g.add("VAEEncode", "3", pixels=g.add("LoadImage", "2", image=image), vae=[loader, 2])
+    positive = g.add("CLIPTextEncode", "4", clip=[loader, 1], text=prompt)
+    negative = g.add("CLIPTextEncode", "5", clip=[loader, 1], text=negative)
+    inverted = g.add(
+        "BlipDiffusionDDIMInversion",
+        "6",
+        model=[loader, 0],
+        positive=positive,
+        latent=latent,
+        steps=steps,
+        cfg=invert_cfg,
+    )
+    samples = g.add(
+        "BlipDiffusionSampler",
+        "7",
+        model=[loader, 0],
+        positive=positive,
+        negative=negative,
+        latent_image=inverted,
+        seed=0,
+        steps=steps,
+        cfg=cfg,
+        sampler_name="reference_ddim",
+        scheduler="reference",
+        denoise=1.0,
+    )
+    g.add("SaveImage", "9", images=g.add("VAEDecode", "8", samples=samples, vae=[loader, 2]), filename_prefix=prefix)
+    return g
+
+
 def loaded_subject(subject_file: str, probe_name: str = "loaded") -> Graph:
     """BLIP-Diffusion Load Subject (1), its subject probed (2)."""
     g = Graph()

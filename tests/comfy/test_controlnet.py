@@ -9,9 +9,7 @@ random, so "control has an effect" means the output differs, not that it follows
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -175,19 +173,8 @@ def test_loader_lists_release_folder_and_controlnet_files(comfy, comfy_base, tin
 # --- parity with the real reference ------------------------------------------------------------
 
 
-def reference_python() -> str:
-    path = os.environ.get("REFERENCE_PYTHON")
-    if path:
-        assert Path(path).is_file(), f"REFERENCE_PYTHON={path} does not exist"
-        return path
-    default = ROOT / ".refvenv" / "bin" / "python"
-    if not default.is_file():
-        pytest.skip("no reference venv: run `make test` (builds .refvenv) or set REFERENCE_PYTHON")
-    return str(default)
-
-
-def run_reference(comfy, tmp_path, model: str, control_image: str, **extra) -> np.lib.npyio.NpzFile:
-    request = {
+def reference_request(comfy, model: str, control_image: str, **extra) -> dict:
+    return {
         "model": str(comfy.base / "models" / "blip_diffusion" / model),
         "image": str(comfy.base / "input" / SUBJECT),
         "subject": CATEGORY,
@@ -204,26 +191,12 @@ def run_reference(comfy, tmp_path, model: str, control_image: str, **extra) -> n
         "control_image": str(comfy.base / "input" / control_image),
         **extra,
     }
-    (tmp_path / "request.json").write_text(json.dumps(request))
-    out = tmp_path / "reference.npz"
-    subprocess.run(
-        [
-            reference_python(),
-            str(ROOT / "tools" / "reference" / "run_pipeline.py"),
-            str(tmp_path / "request.json"),
-            str(out),
-        ],
-        check=True,
-        timeout=900,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    return np.load(out)
 
 
 def compare_residuals(comfy, name: str, ref) -> float:
     """max |pack - reference| over the step-0 residuals of both CFG halves (reference order: uncond, cond)."""
     ours, _ = comfy.probe(name)
-    downs = sorted(k for k in ref.files if k.startswith("control0_down"))
+    downs = sorted(k for k in ref if k.startswith("control0_down"))
     assert len(downs) == len([k for k in ours if k.startswith("cond_down")]) > 0
     worst = 0.0
     for key in [*downs, "control0_mid"]:
@@ -241,9 +214,9 @@ def compare_images(pack: np.ndarray, ref) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def reference_defaults(comfy, tiny_model, control_image, tmp_path_factory):
+def reference_defaults(comfy, tiny_model, control_image, reference):
     """The real pipeline at its defaults on the tiny model, with the 70x100 control image."""
-    return run_reference(comfy, tmp_path_factory.mktemp("reference"), tiny_model, control_image)
+    return reference("run_pipeline.py", **reference_request(comfy, tiny_model, control_image))
 
 
 @pytest.mark.reference
@@ -276,7 +249,7 @@ def test_comfy_hint_resize_would_not_match(comfy, tiny_model, control_image, ref
 
 
 @pytest.mark.reference
-def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_image, tmp_path):
+def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_image, reference):
     """strength 0.6 with end_percent 0.5 = the reference's residuals times 0.6 in the calls before the
     middle of the schedule and 0 after: with 3 steps the reference calls the model at t = 666, 333,
     333, 0, and end_percent 0.5 is t = 499.5."""
@@ -284,7 +257,9 @@ def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_i
         tiny_model, [apply(LOADED, strength=0.6, end=0.5)], control_image, residuals="cn_window", prefix="t_cn_window"
     )
     pack = run_images(comfy, graph)
-    ref = run_reference(comfy, tmp_path, tiny_model, control_image, control_scales=[0.6, 0.0, 0.0, 0.0])
+    ref = reference(
+        "run_pipeline.py", **reference_request(comfy, tiny_model, control_image, control_scales=[0.6, 0.0, 0.0, 0.0])
+    )
     residual = compare_residuals(comfy, "cn_window", ref)
     mean, worst = compare_images(pack, ref)
     print(

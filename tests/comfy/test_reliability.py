@@ -36,7 +36,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from blip_diffusion_nodes.tests.graphs import Graph, SubjectGraph, edges, loaded_subject, previewed, probe, zero_shot
+from blip_diffusion_nodes.tests.graphs import (
+    Graph,
+    SubjectGraph,
+    edges,
+    inversion,
+    loaded_subject,
+    previewed,
+    probe,
+    zero_shot,
+)
 from blip_diffusion_nodes.tools.comfy_server import execution_error
 from blip_diffusion_nodes.tools.lint_safety import CHECKS as LINT_CHECKS
 
@@ -399,7 +408,7 @@ STALE = [  # (row, node id in zero_shot, input, value, choice that the message l
     ("combo-weight-dtype", "1", "weight_dtype", "fp8", "auto, fp32, fp16, bf16"),
     ("combo-preprocess", "3", "preprocess", "center", "squash, crop"),
     ("combo-multi-image", "4", "multi_image", "per_latent", "average, per latent"),
-    ("combo-sampler", "7", "sampler_name", "plms", "pndm, euler"),
+    ("combo-sampler", "7", "sampler_name", "plms", "pndm, reference_ddim, euler"),
     ("combo-scheduler", "7", "scheduler", "pndm", "reference, simple"),
 ]
 rows(*(row for row, *_ in STALE))
@@ -785,8 +794,8 @@ def test_save_subject_outside_the_output_folder(comfy, tiny_model):
 # --- cancel and the queue ------------------------------------------------------------------------
 
 
-async def run_and_interrupt(comfy, prompt: dict, at_step: int) -> tuple[str, list[int]]:
-    """Queue `prompt`, press Cancel (POST /interrupt) once the sampler reports `at_step`; (end event, steps seen)."""
+async def run_and_interrupt(comfy, prompt: dict, at_step: int, node: str = "7") -> tuple[str, list[int]]:
+    """Queue `prompt`, press Cancel (POST /interrupt) once `node` reports `at_step`; (end event, steps seen)."""
     client_id = str(uuid.uuid4())
     steps = []
     async with aiohttp.ClientSession() as session:
@@ -800,7 +809,7 @@ async def run_and_interrupt(comfy, prompt: dict, at_step: int) -> tuple[str, lis
                 data = event.get("data", {})
                 if data.get("prompt_id") not in (None, body["prompt_id"]):
                     continue
-                if event["type"] == "progress" and data["node"] == "7":
+                if event["type"] == "progress" and data["node"] == node:
                     steps.append(data["value"])
                     if data["value"] == at_step:
                         await asyncio.to_thread(comfy.request, "POST", "/interrupt", {})
@@ -904,6 +913,151 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
     )
     assert end - warm < 200 * mb
     healthy(comfy, tiny_model)
+
+
+# --- DDIM inversion --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo(comfy) -> str:
+    """A 64x64 photo (the cat) in the input folder."""
+    image = Image.open(comfy.base / "input" / CAT).convert("RGB").resize((64, 64))
+    return comfy.put_input("rel_inversion.png", np.asarray(image))
+
+
+@covers("inversion-latent-empty")
+def test_inverting_an_empty_latent(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["latent"] = graph.add("ProbeEmptyLatent")
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionDDIMInversion",
+        "latent: expected a batch of image latents [B,4,H,W]",
+        "got shape (0, 4, 8, 8)",
+    )
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-steps-zero")
+def test_inversion_with_zero_steps(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["steps"] = 0
+    rejected(comfy, graph, "6", "steps", "Value 0 smaller than min of 1")
+
+
+@covers("inversion-batch-mismatch")
+def test_inversion_batch_against_conditioning_batch(comfy, tiny_model, photo):
+    """Three photos against a conditioning of two (a per-latent Multimodal Prompt of two subject images)."""
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["latent"] = graph.add("RepeatLatentBatch", samples=["3", 0], amount=3)
+    subject = graph.add(
+        "BlipDiffusionSubjectEncoder",
+        subject_encoder=["1", 3],
+        subject="cat",
+        preprocess="squash",
+        image=graph.add("RepeatImageBatch", image=["2", 0], amount=2),
+    )
+    graph["6"]["inputs"]["positive"] = graph.add(
+        "BlipDiffusionMultimodalPromptFuse",
+        clip=["1", 1],
+        subject=subject,
+        prompt="on a sofa",
+        target_subject="",
+        prompt_strength=1.0,
+        prompt_reps=20,
+        multi_image="per latent",
+    )
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionDDIMInversion",
+        "positive: a conditioning of batch 2 cannot be paired with 3 latents",
+    )
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-cfg-without-negative")
+def test_inversion_guidance_without_a_negative(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["cfg"] = 2.0
+    failed(comfy, graph, "BlipDiffusionDDIMInversion", "negative: cfg 2.0 needs a negative prompt")
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-then-denoise")
+def test_inverted_latent_with_partial_denoise(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["7"]["inputs"]["denoise"] = 0.5
+    failed(
+        comfy, graph, "BlipDiffusionSampler", "denoise: latent_image is a DDIM inversion's result", "use denoise 1.0"
+    )
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-other-steps")
+def test_inverted_latent_with_other_steps(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["7"]["inputs"]["steps"] = 3
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionSampler",
+        "steps: latent_image was inverted with 2 steps",
+        "sample with 2 steps and the reference scheduler",
+    )
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-v-prediction")
+def test_inverting_with_a_v_prediction_model(comfy, tiny_model, photo):
+    """Stock ModelSamplingDiscrete makes the MODEL v-prediction: the reference maths would be wrong, so refused."""
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["model"] = graph.add(
+        "ModelSamplingDiscrete", model=["1", 0], sampling="v_prediction", zsnr=False
+    )
+    failed(comfy, graph, "BlipDiffusionDDIMInversion", "needs an epsilon-prediction model", "v-prediction")
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-stock-ksampler")
+def test_inverted_latent_in_a_stock_ksampler(comfy, tiny_model, photo):
+    """Documented: a stock KSampler adds its own noise to any latent; from an inverted one at denoise 1 that
+    noise dominates (a new picture, not the photo). SamplerCustom with add_noise off starts from it."""
+    graph = inversion(tiny_model, photo, steps=2)
+    graph.add(
+        "KSampler",
+        "7",
+        model=["1", 0],
+        positive=["4", 0],
+        negative=["5", 0],
+        latent_image=["6", 0],
+        seed=1,
+        steps=2,
+        cfg=7.5,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
+    assert comfy.image(comfy.run_ok(graph), "9").shape == (64, 64, 3)
+
+
+@covers("inversion-cancel")
+def test_cancel_mid_inversion_then_a_normal_prompt(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=40)
+    graph.add(
+        "ImageScale",
+        "2",
+        image=graph.add("LoadImage", "12", image=photo),
+        upscale_method="bicubic",
+        width=256,
+        height=256,
+        crop="disabled",
+    )
+    end, steps = asyncio.run(run_and_interrupt(comfy, graph, at_step=2, node="6"))
+    assert end == "execution_interrupted" and 2 <= max(steps) < 40
+    healthy(comfy, tiny_model)
+    assert comfy.get_json("/queue") == {"queue_running": [], "queue_pending": []}
 
 
 # --- ControlNet ------------------------------------------------------------------------------------

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -193,36 +190,12 @@ def test_subject_from_another_model_width_is_a_clear_error(comfy, tiny_model, mi
 # --- parity with the real diffusers pipeline ---------------------------------------------------
 
 
-def reference_python() -> Path:
-    python = Path(os.environ.get("REFERENCE_PYTHON", ROOT / ".refvenv" / "bin" / "python"))
-    if not python.is_file():
-        pytest.fail(f"the reference venv is missing ({python}): `make test` builds it")
-    return python
-
-
-def run_reference(tmp_path: Path, **request) -> dict:
-    (tmp_path / "request.json").write_text(json.dumps(request))
-    out = tmp_path / "reference.npz"
-    subprocess.run(
-        [
-            str(reference_python()),
-            str(ROOT / "tools" / "reference" / "run_pipeline.py"),
-            str(tmp_path / "request.json"),
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
-    return dict(np.load(out))
-
-
 @pytest.mark.reference
-def test_end_to_end_parity_with_diffusers(comfy, comfy_base, tiny_model, model_dir, tmp_path):
+def test_end_to_end_parity_with_diffusers(comfy, comfy_base, tiny_model, model_dir, reference):
     """The same weights, photo, prompt and seed through ComfyUI and through BlipDiffusionPipeline."""
     settings = dict(prompt="swimming underwater", negative=NEGATIVE, seed=7, steps=3, size=128)
-    ref = run_reference(
-        tmp_path,
+    ref = reference(
+        "run_pipeline.py",
         model=str(model_dir),
         image=str(comfy_base / "input" / "blipd_example_cat.jpg"),
         subject="cat",

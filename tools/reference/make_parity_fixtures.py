@@ -100,6 +100,34 @@ def plms_trace(steps: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"z_init": z0.numpy(), "z_final": z.numpy(), "weight": weight.numpy()}
 
 
+def ddim_traces(steps: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """diffusers' DDIMScheduler (eta 0) and DDIMInverseScheduler with SD-1.5's DDIM config (as LAVIS's editing)
+    on the synthetic noise predictor, every step's sample kept."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    config = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    g = torch.Generator().manual_seed(seed)
+    z_init = torch.randn(1, 4, 8, 8, generator=g)
+    weight = torch.randn(4, 4, generator=g) / 2
+    out = {"z_init": z_init.numpy(), "weight": weight.numpy()}
+    for name, cls in (("ddim", DDIMScheduler), ("inverse", DDIMInverseScheduler)):
+        scheduler = cls(**config)
+        scheduler.set_timesteps(steps)
+        z = z_init.clone()
+        for i, t in enumerate(scheduler.timesteps):
+            z = scheduler.step(synthetic_eps(z, int(t), weight), t, z).prev_sample
+            out[f"{name}_{i}"] = z.numpy()
+        out[f"{name}_timesteps"] = scheduler.timesteps.numpy()
+    return out
+
+
 def synthetic_eps(z: torch.Tensor, t: int, weight: torch.Tensor) -> torch.Tensor:
     """A smooth, timestep-dependent stand-in for the UNet (the same formula lives in the test)."""
     return torch.tanh(torch.einsum("ij,bjhw->bihw", weight, z) * (1 + t / 1000))
@@ -171,6 +199,8 @@ def main(model_dir: Path, out: Path) -> None:
     for steps in (3, 25):
         for k, v in plms_trace(steps).items():
             arrays[f"plms_{steps}/{k}"] = v
+        for k, v in ddim_traces(steps).items():
+            arrays[f"ddim_{steps}/{k}"] = v
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)

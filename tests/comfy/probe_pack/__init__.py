@@ -152,9 +152,25 @@ class ProbeImageChannels:
         return (torch.cat([image, torch.full_like(image[..., :1], 0.5)], dim=-1),)
 
 
+class ProbeEmptyLatent:
+    """A LATENT of zero images, which no stock node makes."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def make(self):
+        return ({"samples": torch.zeros(0, 4, 8, 8)},)
+
+
 NODE_CLASS_MAPPINGS = {
     "ProbeSaveTensors": ProbeSaveTensors,
     "ProbeControlResiduals": ProbeControlResiduals,
     "ProbeSaveControlNet": ProbeSaveControlNet,
     "ProbeImageChannels": ProbeImageChannels,
+    "ProbeEmptyLatent": ProbeEmptyLatent,
 }
