@@ -4,7 +4,7 @@ Runs in the reference venv only, from a LAVIS source checkout (LAVIS's PyPI rele
 BLIP-Diffusion code). Nothing of LAVIS is copied into the pack: this tool imports it, runs it
 and writes the numbers it produced to tests/fixtures/editing_lavis.npz.
 
-Regenerate (from the repository root; about 30 minutes on two idle CPU cores):
+Regenerate (from the repository root; about 20 minutes on two shared CPU cores, 9 GB of memory):
 
     git clone https://github.com/salesforce/LAVIS .cache/LAVIS
     git -C .cache/LAVIS checkout 506965b9c4a18c1e565bd32acaccabe0198433f7
