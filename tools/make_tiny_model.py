@@ -1,6 +1,6 @@
 """Write a seeded random BLIP-Diffusion model folder in the released diffusers layout.
 
-    python tools/make_tiny_model.py OUT_DIR [--size tiny|micro|full] [--format safetensors|bin]
+    python tools/make_tiny_model.py OUT_DIR [--size tiny|edit|micro|full] [--format safetensors|bin]
                                             [--dtype fp16|fp32] [--controlnet] [--seed 0]
 
 Layout: model_index.json, qformer/, text_encoder/, tokenizer/, unet/, vae/, scheduler/,
@@ -11,6 +11,8 @@ Sizes:
   tiny   what ComfyUI still accepts as SD-1.5 (CLIP-L and the SD VAE at full size, a
          4-level UNet of width 320 with one block per level, a 1-layer Q-Former with
          a 768-wide output): ~0.3 B parameters, the CI / demo model.
+  edit   `tiny` with two blocks per level, so that the attention layers sit where SD-1.5
+         has them (prompt-to-prompt editing finds its 16x16 maps by layer position).
   micro  only the subject encoder and a narrow text encoder, for the committed parity
          fixtures (not loadable by ComfyUI).
   full   the released shapes (2.6 B parameters with ControlNet): for loader tests.
@@ -48,7 +50,7 @@ def qformer_config(size: str) -> SubjectEncoderConfig:
     if size == "full":
         return SubjectEncoderConfig()
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
-    hidden = 768 if size == "tiny" else 32
+    hidden = 32 if size == "micro" else 768
     qformer = QFormerConfig(
         hidden_size=hidden,
         num_hidden_layers=1,
@@ -69,7 +71,7 @@ def unet_config(size: str) -> dict:
     if size == "full":
         widths, layers = [320, 640, 1280, 1280], 2
     else:  # SD-1.5's topology at width 320: ComfyUI detects SD-1.5 by width 320 and context 768
-        widths, layers = [320, 320, 320, 320], 1
+        widths, layers = [320, 320, 320, 320], 2 if size == "edit" else 1
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": 64,
@@ -363,7 +365,7 @@ def make_hed_annotator(out: Path, seed: int = 0) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--size", choices=["tiny", "micro", "full"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "edit", "micro", "full"], default="tiny")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--controlnet", action="store_true")
