@@ -13,7 +13,6 @@ valid prompt must succeed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import math
 import re
@@ -36,6 +35,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from blip_diffusion_nodes.tests.comfy.reliability import (
+    CAT,
+    all_covered_rows,
+    covers,
+    failed,
+    healthy,
+    rejected,
+    rows,
+    small,
+)
 from blip_diffusion_nodes.tests.graphs import (
     Graph,
     SubjectGraph,
@@ -44,69 +53,12 @@ from blip_diffusion_nodes.tests.graphs import (
     loaded_subject,
     previewed,
     probe,
-    zero_shot,
 )
 from blip_diffusion_nodes.tools.comfy_server import execution_error
 from blip_diffusion_nodes.tools.lint_safety import CHECKS as LINT_CHECKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
-CAT = "blipd_example_cat.jpg"
-COVERED: set[str] = set()  # matrix rows the tests below cover
-
-
-def rows(*ids: str) -> tuple[str, ...]:
-    """Register matrix row ids covered by a test (or by the cases of a parametrized test)."""
-    COVERED.update(ids)
-    return ids
-
-
-def covers(*ids: str):
-    rows(*ids)
-    return lambda test: test
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-_seeds = itertools.count(1000)  # a fresh seed per prompt: the sampler really runs, not ComfyUI's cache
-
-
-def small(model: str, **kwargs) -> dict:
-    """The zero-shot graph at its cheapest that still runs the UNet: 64x64, two steps (a single
-    reference step is the release's no-op last step, which makes no model call)."""
-    return zero_shot(model, **{"size": 64, "steps": 2, "seed": next(_seeds), "prefix": "rel", **kwargs})
-
-
-def healthy(comfy, model: str) -> None:
-    """The next valid prompt succeeds and saves its image."""
-    entry = comfy.run_ok(small(model, prefix="rel_healthy"))
-    assert comfy.image(entry, "9").shape == (64, 64, 3)
-
-
-def rejected(comfy, prompt: dict, node: str, input_name: str, *expected: str) -> str:
-    """HTTP 400, nothing queued: an error of node `node` for `input_name` whose text holds `expected`."""
-    status, body = comfy.submit(prompt)
-    assert status == 400, body
-    errors = body["node_errors"]
-    assert list(errors) == [node], errors
-    texts = [
-        f"{e['message']}: {e['details']}"
-        for e in errors[node]["errors"]
-        if e.get("extra_info", {}).get("input_name") == input_name
-    ]
-    assert any(all(x in text for x in expected) for text in texts), (expected, errors)
-    return texts[0]
-
-
-def failed(comfy, prompt: dict, node_type: str, *expected: str) -> str:
-    """Queued, then a runtime error in /history from a `node_type` node whose message holds `expected`."""
-    error = execution_error(comfy.run(prompt))
-    assert error is not None, "the prompt ran without an error"
-    assert error["node_type"] == node_type, error
-    message = error["exception_message"]
-    for text in expected:
-        assert text in message, (text, message)
-    return message
 
 
 # --- the matrix doc ------------------------------------------------------------------------------
@@ -117,10 +69,11 @@ def doc_ids() -> list[str]:
 
 
 def test_matrix_doc_lists_exactly_the_tested_rows():
-    """Rows are covered by the tests here, or by the static checks `make lint` runs (tools/lint_safety.py)."""
+    """Rows are covered by the server tests (any tests/comfy module registers its rows with covers()), or by the
+    static checks `make lint` runs (tools/lint_safety.py)."""
     ids = doc_ids()
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
-    covered = COVERED | set(LINT_CHECKS)
+    covered = all_covered_rows() | set(LINT_CHECKS)
     assert set(ids) == covered, {
         "in the doc, not tested": sorted(set(ids) - covered),
         "tested, not in the doc": sorted(covered - set(ids)),
