@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blip_diffusion_nodes.tools.reference.run_pipeline import load_pipelines
+from blip_diffusion_nodes.tools.reference.run_pipeline import DDIM_CONFIG, load_pipelines
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEGATIVE = "lowres, blurry, worst quality"
@@ -141,14 +141,7 @@ class Reference:
                 "a dog on the grass", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
             ).input_ids.to(self.device)
             cond = pipe.text_encoder(input_ids=ids)[0]
-            scheduler = DDIMInverseScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                clip_sample=False,
-                set_alpha_to_one=False,
-                steps_offset=1,
-            )
+            scheduler = DDIMInverseScheduler(**DDIM_CONFIG)
             scheduler.set_timesteps(steps)
             z = self.photo_latent
             for t in scheduler.timesteps:

@@ -32,6 +32,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
 
+# SD-1.5's DDIM scheduler settings, which LAVIS's editing and inversion use.
+DDIM_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
 
 def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(BlipDiffusionPipeline, BlipDiffusionControlNetPipeline or None), sharing their components.
