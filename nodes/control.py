@@ -133,7 +133,7 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
         cls, strength: float | None = None, start_percent: float | None = None, end_percent: float | None = None
     ):
         return (
-            number_error(strength=strength, start_percent=start_percent, end_percent=end_percent)
+            number_error(cls, strength=strength, start_percent=start_percent, end_percent=end_percent)
             or window_error(start_percent, end_percent)
             or True
         )

@@ -128,7 +128,7 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
     def validate_inputs(cls, multi_image: str | None = None, prompt_strength: float | None = None):
         return (
             combo_error("multi_image", multi_image, MULTI_IMAGE)
-            or number_error(prompt_strength=prompt_strength)
+            or number_error(cls, prompt_strength=prompt_strength)
             or True
         )
 

@@ -226,7 +226,7 @@ class BlipDiffusionSampler(io.ComfyNode):
         return (
             combo_error("sampler_name", sampler_name, SAMPLERS)
             or combo_error("scheduler", scheduler, SCHEDULERS)
-            or number_error(cfg=cfg, denoise=denoise)
+            or number_error(cls, steps=steps, cfg=cfg, denoise=denoise)
             or schedule_error(steps, denoise, scheduler)
             or True
         )
@@ -323,7 +323,7 @@ class BlipDiffusionReferenceSigmas(io.ComfyNode):
     def validate_inputs(cls, schedule: str | None = None, denoise: float | None = None, steps: int | None = None):
         return (
             combo_error("schedule", schedule, list(SCHEDULES))
-            or number_error(denoise=denoise)
+            or number_error(cls, steps=steps, denoise=denoise)
             or schedule_error(steps, denoise, "reference")
             or True
         )

@@ -46,7 +46,7 @@ class BlipDiffusionSubjectBlend(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ratio: float | None = None):
-        return number_error(ratio=ratio) or True
+        return number_error(cls, ratio=ratio) or True
 
     @classmethod
     def execute(cls, subject_a, subject_b, ratio: float, category: str = "") -> io.NodeOutput:

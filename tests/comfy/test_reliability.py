@@ -377,7 +377,7 @@ def test_stale_combo_values_are_refused(comfy, tiny_model, row, node, input_name
 
 @covers("sampler-steps-zero")
 def test_zero_steps_are_refused(comfy, tiny_model):
-    rejected(comfy, small(tiny_model, steps=0), "7", "steps", "Value 0 smaller than min of 1")
+    rejected(comfy, small(tiny_model, steps=0), "7", "steps", "steps: 0 is below the minimum of 1")
 
 
 @covers("subject-empty", "subject-whitespace")
