@@ -504,9 +504,10 @@ def check_reference_schedule(model_wrap, sampler: str) -> None:
         or isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteEDM)
     ):
         raise ValueError(
-            f"{sampler}: model: the reference samplers need an epsilon-prediction model on a discrete "
-            f"schedule (SD-1.5, as BLIP-Diffusion); this model samples with {kind} ({_prediction(sampling)}). "
-            "Use one of ComfyUI's samplers with it, or remove the node that changed its sampling"
+            f"{sampler}: model: needs an epsilon-prediction model on a discrete schedule (SD-1.5, as "
+            f"BLIP-Diffusion) for the reference PLMS/DDIM maths; this model samples with {kind} "
+            f"({_prediction(sampling)}). Remove the node that changed its sampling, or sample with one of "
+            "ComfyUI's samplers"
         )
     expected = training_sigmas()
     if sampling.sigmas.shape != expected.shape or not torch.allclose(
@@ -514,7 +515,8 @@ def check_reference_schedule(model_wrap, sampler: str) -> None:
     ):
         raise ValueError(
             f"{sampler}: model: its noise schedule is not SD-1.5's (scaled linear betas 0.00085-0.012), "
-            "which the reference samplers assume; use one of ComfyUI's samplers with it"
+            "which the reference PLMS/DDIM maths assumes; remove the node that changed it, or sample with one "
+            "of ComfyUI's samplers"
         )
 
 
