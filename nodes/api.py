@@ -4,10 +4,11 @@ from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
 SubjectEncoderType = io.Custom("BLIPD_SUBJECT_ENCODER")
 SubjectType = io.Custom("BLIPD_SUBJECT")
+EditType = io.Custom("BLIPD_EDIT")
 
 CATEGORY = "BLIP-Diffusion"
 
-__all__ = ["CATEGORY", "ComfyExtension", "SubjectEncoderType", "SubjectType", "combo_error", "io", "ui"]
+__all__ = ["CATEGORY", "ComfyExtension", "EditType", "SubjectEncoderType", "SubjectType", "combo_error", "io", "ui"]
 
 
 def combo_error(name: str, value, options) -> str | None:
