@@ -25,11 +25,12 @@ from ..blip_core.editing import (
     edit_prompts,
     edit_spec,
 )
+from ..blip_core.messages import quoted
 from ..blip_core.sampling import StepHook
 from ..blip_core.subject import check_category
 from ..blip_core.subject_blend import average_views
 from . import compat
-from .api import CATEGORY, EditType, SubjectType, combo_error, io
+from .api import CATEGORY, EditType, SubjectType, combo_error, io, number_error
 from .prompt import encode_fused, merge_batch, token_ids
 
 EDIT_KEY = "blipd_edit"  # the edit's key in its CONDITIONING's entry, and its EditModel on the patched MODEL
@@ -115,8 +116,8 @@ class BlipDiffusionEditPrompt(io.ComfyNode):
         source_prompt, target_text = edit_prompts(source_subject.strip(), target, prompt.strip(), placeholder)
         if not source_subject.strip():
             raise ValueError(
-                f"source_subject: empty, so the source prompt {source_prompt!r} names nothing for the edit to replace; "
-                "enter the word for what the source picture shows, e.g. 'dog'"
+                f"source_subject: empty, so the source prompt {quoted(source_prompt)} names nothing for the edit to "
+                "replace; enter the word for what the source picture shows, e.g. 'dog'"
             )
         source_word = check_category(source_subject, "source_subject")
         spec = edit_spec(
@@ -184,6 +185,18 @@ class BlipDiffusionPromptToPrompt(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The patched MODEL: for the sampler of the edit, not for other prompts.")],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        cross_replace: float | None = None,
+        self_replace: float | None = None,
+        blend_threshold: float | None = None,
+    ):
+        return (
+            number_error(cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold)
+            or True
         )
 
     @classmethod
