@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .messages import quoted
 from .prompt import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS
 from .sampling import StepHook
 
@@ -301,12 +302,12 @@ def edit_spec(
     _check_placeholder(placeholder)
     if len(source_ids) > MAX_LENGTH:
         raise ValueError(
-            f"prompt: the source prompt {source_prompt!r} takes {len(source_ids)} tokens; an edit needs it in one "
-            f"CLIP chunk of {MAX_LENGTH} (with the start and end tokens): shorten the prompt"
+            f"prompt: the source prompt {quoted(source_prompt)} takes {len(source_ids)} tokens; an edit needs it in "
+            f"one CLIP chunk of {MAX_LENGTH} (with the start and end tokens): shorten the prompt"
         )
     if placeholder == "lavis" and len(target_ids) > MAX_LENGTH:
         raise ValueError(
-            f"prompt: the target text {target_text!r} takes {len(target_ids)} tokens, {NUM_QUERY_TOKENS} of them "
+            f"prompt: the target text {quoted(target_text)} takes {len(target_ids)} tokens, {NUM_QUERY_TOKENS} of them "
             f"the 'sks' placeholders; at most {MAX_LENGTH} fit (the original fails here too): shorten the prompt, "
             "or use placeholder 'none'"
         )
@@ -316,9 +317,9 @@ def edit_spec(
     positions = word_positions(source_ids, word_ids) if any(t is not None for t in word_ids) else []
     if not positions:
         raise ValueError(
-            f"source_subject: {source_subject!r} is not a word of the source prompt {source_prompt!r} (its tokens "
-            "do not occur there); the edit replaces that word's subject: name the subject the source shows, "
-            "e.g. 'dog'"
+            f"source_subject: {quoted(source_subject)} is not a word of the source prompt {quoted(source_prompt)} "
+            "(its tokens do not occur there); the edit replaces that word's subject: name the subject the source "
+            "shows, e.g. 'dog'"
         )
     mapper, alphas = refinement_mapper(source_ids, target_ids, placeholder)
     layout = [placeholder, list(source_ids), list(target_ids), positions]
