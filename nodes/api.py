@@ -8,10 +8,21 @@ from ..blip_core.messages import quoted
 
 SubjectEncoderType = io.Custom("BLIPD_SUBJECT_ENCODER")
 SubjectType = io.Custom("BLIPD_SUBJECT")
+EditType = io.Custom("BLIPD_EDIT")
 
 CATEGORY = "BLIP-Diffusion"
 
-__all__ = ["CATEGORY", "ComfyExtension", "SubjectEncoderType", "SubjectType", "combo_error", "io", "number_error", "ui"]
+__all__ = [
+    "CATEGORY",
+    "ComfyExtension",
+    "EditType",
+    "SubjectEncoderType",
+    "SubjectType",
+    "combo_error",
+    "io",
+    "number_error",
+    "ui",
+]
 
 
 def combo_error(name: str, value, options) -> str | None:

@@ -27,6 +27,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -53,9 +54,10 @@ SAMPLERS = (
     "BlipDiffusionDDIMSampler",
     "BlipDiffusionDDIMInversion",
 )
-FUSE = ("BlipDiffusionMultimodalPromptFuse",)
+FUSE = ("BlipDiffusionMultimodalPromptFuse", "BlipDiffusionEditPrompt")
 CONTROLNET_APPLY = ("BlipDiffusionControlNetApply",)
 CONTROLNET_LOADER = ("BlipDiffusionControlNetLoader",)
+EDIT = ("BlipDiffusionEditPrompt", "BlipDiffusionPromptToPrompt")  # an edit's CONDITIONING needs its MODEL
 
 
 # --- the checks ------------------------------------------------------------------------------------
@@ -90,6 +92,28 @@ def _token_layout(cls) -> bool:
     tokens = cls().tokenize_with_weights("")
     chunk = tokens["l"][0]
     return len(chunk) == 77 and all(isinstance(t[0], int) and isinstance(t[1], float) for t in chunk)
+
+
+def _attention_replace_convention(cls) -> bool:
+    """A transformer block hands an attn1 / attn2 replace patch the projected q, k, v ([B, tokens, heads*d]) and
+    extra options that hold the head count and the sampling's transformer options (cond_or_uncond, our state),
+    and puts the patch's output through to_out: checked on a block of width 8 with one head."""
+    block = cls(8, 1, 8, context_dim=8)
+    seen = {}
+
+    def patch(q, k, v, extra_options):
+        seen.update(q=tuple(q.shape), k=tuple(k.shape), heads=extra_options["n_heads"], marker=extra_options["m"])
+        return torch.zeros_like(q)
+
+    options = {
+        "block": ("input", 1),
+        "block_index": 0,
+        "m": "x",
+        "patches_replace": {"attn1": {("input", 1, 0): patch}, "attn2": {("input", 1, 0): patch}},
+    }
+    with torch.no_grad():
+        block(torch.zeros(1, 4, 8), context=torch.zeros(1, 3, 8), transformer_options=options)
+    return seen == {"q": (1, 4, 8), "k": (1, 3, 8), "heads": 1, "marker": "x"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +171,25 @@ REQUIREMENTS = (
     Requirement("comfy.model_sampling:ModelSamplingDiscrete", SAMPLERS),
     Requirement("comfy.sd1_clip:SD1Tokenizer", FUSE, _token_layout),
     Requirement("comfy.sd1_clip:SDClipModel.process_tokens", FUSE),
+    Requirement(
+        "comfy.model_patcher:ModelPatcher",
+        EDIT,
+        _has_methods(
+            "clone",
+            "set_model_attn1_replace",
+            "set_model_attn2_replace",
+            "set_model_sampler_post_cfg_function",
+            "add_wrapper_with_key",
+        ),
+    ),
+    Requirement("comfy.ldm.modules.attention:BasicTransformerBlock", EDIT, _attention_replace_convention),
+    Requirement("comfy.ldm.modules.attention:SpatialTransformer", EDIT),
+    Requirement("comfy.ldm.modules.attention:optimized_attention", EDIT),
+    Requirement("comfy.patcher_extension:WrappersMP.OUTER_SAMPLE", EDIT),
+    Requirement("comfy.patcher_extension:WrappersMP.PREDICT_NOISE", EDIT),
+    Requirement("comfy.samplers:CFGGuider.outer_sample", EDIT, _has_parameters("noise", "latent_image", "sigmas")),
+    Requirement("comfy.samplers:CFGGuider.predict_noise", EDIT, _has_parameters("x", "timestep", "model_options")),
+    Requirement("comfy.samplers:cfg_function", EDIT, _has_parameters("cond_pred", "uncond_pred", "model_options")),
     # Optimisations: without them the nodes work, a little slower.
     Requirement("comfy.ldm.modules.attention:wrap_attn", ()),  # honours transformer_options' attention override
     Requirement("comfy.ldm.modules.attention:attention_pytorch", ()),
@@ -580,3 +623,144 @@ def prefer_pytorch_attention(model_options: dict, device: torch.device) -> None:
     fallback = attention.optimized_attention is attention.attention_sub_quad and not args.use_quad_cross_attention
     if fallback and mm.is_device_cpu(device):
         model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _pytorch_attention
+
+
+# --- attention control (subject-driven editing) -------------------------------------------------------
+
+_COND = 0  # cond_or_uncond's entry for the positive half (sampling_function batches [positive, negative])
+Layer = tuple[str, int, int]  # a transformer block: ("input" | "middle" | "output", block number, index)
+
+
+def clone_model(model):
+    """A copy of a MODEL (ModelPatcher) to patch, sharing the weights."""
+    return model.clone()
+
+
+def attention_layers(model) -> list[Layer]:
+    """Every transformer block of a MODEL's UNet, as ComfyUI's attention replace patches address them."""
+    unet = model.model.diffusion_model
+    groups = (
+        ("input", getattr(unet, "input_blocks", [])),
+        ("middle", [getattr(unet, "middle_block", [])]),
+        ("output", getattr(unet, "output_blocks", [])),
+    )
+    layers = []
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for module in block:
+                if isinstance(module, attention.SpatialTransformer):
+                    layers += [(name, number, i) for i in range(len(module.transformer_blocks))]
+    return layers
+
+
+@dataclass
+class AttentionCall:
+    """What an attention patch sees besides q, k, v: the head count, which chunk of the batch is the conditional
+    half, the sampling run's state (None outside a run), the output the layer would have without this patch
+    (an earlier replace patch's, or ComfyUI's optimized attention), and that attention for any q, k, v."""
+
+    heads: int
+    conditional: list[bool]
+    state: object | None
+    unpatched: Callable[[], torch.Tensor]
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def replace_attention(model, layer: Layer, is_cross: bool, handler, state_key: str) -> None:
+    """Install `handler(q, k, v, call: AttentionCall) -> output` as the cross- (attn2) or self-attention (attn1)
+    replace patch of one transformer block of `model` (a ModelPatcher, changed in place: clone it first).
+    A replace patch already there (another pack's) keeps running wherever the handler returns the unpatched
+    output."""
+    kind = "attn2" if is_cross else "attn1"
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    previous = replaced.get(layer) or replaced.get(layer[:2])
+
+    def patch(q, k, v, extra_options):
+        def fused(q_, k_, v_):
+            return attention.optimized_attention(
+                q_,
+                k_,
+                v_,
+                extra_options["n_heads"],
+                attn_precision=extra_options.get("attn_precision"),
+                transformer_options=extra_options,
+            )
+
+        call = AttentionCall(
+            heads=extra_options["n_heads"],
+            conditional=[c == _COND for c in extra_options.get("cond_or_uncond", [])],
+            state=extra_options.get(state_key),
+            unpatched=(lambda: previous(q, k, v, extra_options)) if previous else (lambda: fused(q, k, v)),
+            attention=fused,
+        )
+        return handler(q, k, v, call)
+
+    block, number, index = layer
+    setter = model.set_model_attn2_replace if is_cross else model.set_model_attn1_replace
+    setter(patch, block, number, index)
+
+
+@dataclass
+class SamplingStart:
+    """What a sampling run starts from, as a wrapper sees it before ComfyUI's sampling: the noise and latent
+    batches, the sigmas, and for each entry of the positive conditioning the value it holds under a key."""
+
+    noise: torch.Tensor
+    latent: torch.Tensor
+    sigmas: torch.Tensor
+    positive_marks: list
+
+
+def wrap_sampling(model, key: str, state_key: str, begin) -> None:
+    """Run `begin(SamplingStart) -> (state, noise, latent)` when each sampling run of `model` starts (ComfyUI's
+    OUTER_SAMPLE wrapper, under `key`): the run samples the returned noise and latent, and its transformer
+    options hold `state` under `state_key` for this run only (ComfyUI drops its copy of the options after the
+    run, so nothing carries over to the next prompt). `key` also names the conditioning entries' mark."""
+
+    def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        marks = [entry.get(key) for entry in guider.conds.get("positive", [])]
+        state, noise, latent_image = begin(SamplingStart(noise, latent_image, sigmas, marks))
+        guider.model_options.setdefault("transformer_options", {})[state_key] = state
+        if "latent_shapes" in kwargs:
+            kwargs["latent_shapes"] = [latent_image.shape]
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, outer_sample)
+
+
+def wrap_model_calls(model, key: str, state_key: str, after) -> None:
+    """After every model evaluation of a sampling run (CFG applied), `after(state, denoised) -> denoised`, with the
+    run's state (ComfyUI's PREDICT_NOISE wrapper, under `key`)."""
+
+    def predict_noise(executor, x, timestep, model_options=None, seed=None):
+        out = executor(x, timestep, model_options, seed)
+        state = sampling_state(model_options or {}, state_key)
+        return out if state is None else after(state, out)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, predict_noise)
+
+
+def add_post_cfg(model, state_key: str, fn) -> None:
+    """`fn(state, denoised, cond_denoised) -> denoised` after CFG (ComfyUI's sampler_post_cfg_function), with the
+    sampling run's state; changes `model` in place."""
+
+    def post_cfg(args):
+        state = sampling_state(args["model_options"], state_key)
+        return args["denoised"] if state is None else fn(state, args["denoised"], args["cond_denoised"])
+
+    model.set_model_sampler_post_cfg_function(post_cfg)
+
+
+def sampling_state(model_options: dict, state_key: str):
+    """The state a wrap_sampling wrapper left for this run in the model options a sampler receives, or None."""
+    return model_options.get("transformer_options", {}).get(state_key)
+
+
+def model_state(model, key: str):
+    """What set_model_state put on this MODEL (and its clones: LoRA loaders and other patches keep it), or None."""
+    return model.model_options.get("transformer_options", {}).get(key)
+
+
+def set_model_state(model, key: str, value) -> None:
+    model.model_options.setdefault("transformer_options", {})[key] = value
