@@ -195,7 +195,7 @@ class BlipDiffusionPromptToPrompt(io.ComfyNode):
         blend_threshold: float | None = None,
     ):
         return (
-            number_error(cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold)
+            number_error(cls, cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold)
             or True
         )
 
