@@ -77,7 +77,6 @@ class BlipDiffusionLoader(io.ComfyNode):
         folder = paths.resolve(model_name, what="BLIP-Diffusion model", hint=BLIP_DIFFUSION.hint())
         check_model_folder(folder)
         unet_config, encoder_config = read_configs(folder)
-        # The biggest part first: its file and its copy are both in memory while it loads.
         unet = load_unet(folder, unet_config, DTYPES[weight_dtype])
         return io.NodeOutput(
             unet, load_clip(folder), load_vae(folder), load_encoder(folder, weight_dtype, encoder_config)
