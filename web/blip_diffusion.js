@@ -16,10 +16,11 @@ app.registerExtension({
       if (typeof text !== "string") return;
       let widget = this.widgets?.find((w) => w.name === WIDGET);
       if (!widget) {
-        // not an input: neither in the saved workflow nor in the prompt, and read-only
+        // not an input: neither in the saved workflow nor in the prompt. Read-only by ignoring clicks: a disabled
+        // widget would hide its value.
         widget = this.addWidget("text", WIDGET, "", () => {}, { serialize: false });
         widget.serialize = false;
-        widget.disabled = true;
+        widget.onClick = () => {};
       }
       widget.value = text;
       const [width, height] = this.computeSize();
