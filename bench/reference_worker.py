@@ -6,6 +6,7 @@ Reads one JSON command per line on stdin, answers one JSON line on stdout:
     {"op": "conditioning", "prompt": "..."}                         -> {"seconds", "cpu"}
     {"op": "generate", "size": 256, "steps": 10, "controlnet": false, "seed": 0} -> {"seconds", "cpu"}
     {"op": "peak_rss"}                                              -> {"bytes"}
+    {"op": "peak_vram"}                                             -> {"bytes"} (0 on the CPU)
 Each timed call is what BlipDiffusionPipeline does for that stage, on the same inputs as the pack.
 """
 
@@ -151,6 +152,10 @@ class Reference:
 
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}
+
+    def peak_vram(self) -> dict:
+        """What PyTorch's caching allocator reserved at most: the GPU memory this process held."""
+        return {"bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0}
 
 
 def main() -> None:

@@ -58,6 +58,15 @@ FUSE = ("BlipDiffusionMultimodalPromptFuse", "BlipDiffusionEditPrompt")
 CONTROLNET_APPLY = ("BlipDiffusionControlNetApply",)
 CONTROLNET_LOADER = ("BlipDiffusionControlNetLoader",)
 EDIT = ("BlipDiffusionEditPrompt", "BlipDiffusionPromptToPrompt")  # an edit's CONDITIONING needs its MODEL
+# What loading UNets and ControlNets with assigned (not copied) weights needs: _assigning_options.
+ASSIGNING = (
+    "comfy.model_detection:model_config_from_unet",
+    "comfy.model_management:unet_dtype",
+    "comfy.model_management:unet_manual_cast",
+    "comfy.ops:pick_operations",
+    "comfy.utils:calculate_parameters",
+    "comfy.utils:weight_dtype",
+)
 
 
 # --- the checks ------------------------------------------------------------------------------------
@@ -190,7 +199,8 @@ REQUIREMENTS = (
     Requirement("comfy.samplers:CFGGuider.outer_sample", EDIT, _has_parameters("noise", "latent_image", "sigmas")),
     Requirement("comfy.samplers:CFGGuider.predict_noise", EDIT, _has_parameters("x", "timestep", "model_options")),
     Requirement("comfy.samplers:cfg_function", EDIT, _has_parameters("cond_pred", "uncond_pred", "model_options")),
-    # Optimisations: without them the nodes work, a little slower.
+    # Optimisations: without them the nodes work, a little slower (or, for ASSIGNING, with more memory).
+    *(Requirement(symbol, ()) for symbol in ASSIGNING),
     Requirement("comfy.ldm.modules.attention:wrap_attn", ()),  # honours transformer_options' attention override
     Requirement("comfy.ldm.modules.attention:attention_pytorch", ()),
     Requirement("comfy.ldm.modules.attention:attention_sub_quad", ()),
@@ -357,10 +367,65 @@ class UNetKind:
     missing: list[str]  # UNet tensors the state dict did not provide
 
 
+def _assigning(operations):
+    """`operations` (a comfy.ops class) with layers that take each weight from the state dict as it is, cast only
+    where its dtype or device differs, instead of copying it into memory allocated for it.
+
+    ComfyUI builds a model with empty (never written, so never resident) weights and then copies the state dict
+    into them: while it loads, every weight is in memory twice, the file's mapped pages and the copy. Assigned,
+    the mapped tensors become the weights (as the subject encoder's and diffusers' loaders do), and the empty
+    ones are freed untouched. ComfyUI's own mixed-precision layers assign the same way.
+    """
+
+    def assigning(layer: type) -> type:
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+            for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+                if tensor is not None and prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name].to(device=tensor.device, dtype=tensor.dtype)
+            metadata = {**local_metadata, "assign_to_params_buffers": True}
+            layer._load_from_state_dict(self, state_dict, prefix, metadata, *args, **kwargs)
+
+        return type(layer.__name__, (layer,), {"_load_from_state_dict": _load_from_state_dict})
+
+    layers = {
+        name: assigning(value)
+        for name in dir(operations)
+        if isinstance(value := getattr(operations, name), type) and issubclass(value, torch.nn.Module)
+    }
+    return type(f"Assigning_{operations.__name__}", (operations,), layers)
+
+
+def _assigning_options(state_dict: dict, dtype: torch.dtype | None, controlnet: bool) -> dict:
+    """model_options for ComfyUI's UNet and ControlNet loaders that assign the weights (see _assigning).
+
+    The layers ComfyUI would pick depend on the weight dtype and its compute dtype: this makes the choice its
+    loaders make (for an SD-1.5 state dict with LDM keys), with its own functions, and passes the dtype along so
+    that they agree. Without these internals the loaders copy, as ComfyUI does by default.
+    """
+    options = {"dtype": dtype} if dtype else {}
+    if not all(available(symbol) for symbol in ASSIGNING):
+        return options
+    config = comfy.model_detection.model_config_from_unet(state_dict, "", controlnet)
+    if config is None:  # ComfyUI recognises nothing: its loader says so
+        return options
+    load_device = mm.get_torch_device()
+    if dtype is None:
+        dtype = mm.unet_dtype(
+            model_params=-1 if controlnet else comfy.utils.calculate_parameters(state_dict),
+            supported_dtypes=list(config.supported_inference_dtypes),
+            weight_dtype=comfy.utils.weight_dtype(state_dict),
+        )
+    # as each loader asks: the ControlNet loader with the default dtypes
+    supported = () if controlnet else (config.supported_inference_dtypes,)
+    compute = mm.unet_manual_cast(dtype, load_device, *supported)
+    return {"dtype": dtype, "custom_operations": _assigning(comfy.ops.pick_operations(dtype, compute))}
+
+
 def load_unet(ldm_state_dict: dict, dtype: torch.dtype | None):
-    """A MODEL from LDM-keyed UNet weights, and what ComfyUI recognised; (None, None) if it recognised nothing."""
+    """A MODEL from LDM-keyed UNet weights, and what ComfyUI recognised; (None, None) if it recognised nothing.
+    The weights are assigned, not copied (memory-mapped ones stay mapped)."""
     model = comfy.sd.load_diffusion_model_state_dict(
-        dict(ldm_state_dict), model_options={"dtype": dtype} if dtype else {}
+        dict(ldm_state_dict), model_options=_assigning_options(ldm_state_dict, dtype, controlnet=False)
     )
     if model is None:
         return None, None
@@ -409,9 +474,12 @@ def comfy_knows_diffusers_controlnet(state_dict: dict) -> bool:
     return comfy.model_detection.unet_config_from_diffusers_unet(state_dict) is not None
 
 
-def load_controlnet(state_dict: dict, global_average_pooling: bool):
-    """A CONTROL_NET (or T2I-Adapter), or None when ComfyUI recognised neither."""
-    options = {"global_average_pooling": True} if global_average_pooling else {}
+def load_controlnet(state_dict: dict, global_average_pooling: bool, ldm_keys: bool):
+    """A CONTROL_NET (or T2I-Adapter), or None when ComfyUI recognised neither. A ControlNet with LDM keys
+    (`ldm_keys`: converted from diffusers by the pack) gets its weights assigned, not copied."""
+    options = _assigning_options(state_dict, None, controlnet=True) if ldm_keys else {}
+    if global_average_pooling:
+        options["global_average_pooling"] = True
     return comfy.controlnet.load_controlnet_state_dict(dict(state_dict), model_options=options)
 
 

@@ -340,7 +340,11 @@ NAMES = [  # (row, node class, model_name, expected)
         "loader-name-missing",
         "BlipDiffusionLoader",
         "rel-not-there",
-        ("'rel-not-there' not found in models/blip_diffusion (searched: ",),
+        (
+            "'rel-not-there' not found in models/blip_diffusion (searched: ",
+            "; download the whole repository, with its sub-folders, from https://huggingface.co/Salesforce/blipdiffusion"
+            " into models/blip_diffusion/blipdiffusion/",
+        ),
     ),
     (
         "encoder-loader-name-dotdot",
@@ -1144,7 +1148,13 @@ def test_hed_annotator_without_its_file(comfy, comfy_base, tiny_model):
             safe=False,
             resolution=128,
         )
-        rejected(comfy, graph, "2", "annotator", "no ControlNetHED.pth in", str(folder))
+        rejected(
+            comfy,
+            graph,
+            "2",
+            "annotator",
+            f"no ControlNetHED.pth in {folder}; download it from https://huggingface.co/lllyasviel/Annotators into",
+        )
     finally:
         shutil.rmtree(folder)
     healthy(comfy, tiny_model)
