@@ -9,6 +9,7 @@ from . import compat
 
 MODELS = "blip_diffusion"
 SUBJECTS = "blip_diffusion_subjects"
+FINETUNED = "blip_diffusion_finetuned"  # LAVIS fine-tuned checkpoints (checkpoint_N.pth)
 ANNOTATORS = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
 CONTROLNETS = "controlnet"  # ComfyUI's own folder
 SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
@@ -16,9 +17,9 @@ INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (f
 
 
 def register() -> None:
-    """The pack's model folders (blip_diffusion, blip_diffusion_subjects, annotators) in models/, keeping
-    extra paths from extra_model_paths.yaml."""
-    for kind in (MODELS, SUBJECTS, ANNOTATORS):
+    """The pack's model folders (blip_diffusion, blip_diffusion_subjects, blip_diffusion_finetuned, annotators)
+    in models/, keeping extra paths from extra_model_paths.yaml."""
+    for kind in (MODELS, SUBJECTS, FINETUNED, ANNOTATORS):
         compat.register_model_folder(kind)
 
 
@@ -136,6 +137,18 @@ def output_file(prefix: str, suffix: str) -> tuple[Path, str]:
     if error:
         raise ValueError(error)
     return compat.output_file(prefix, suffix)
+
+
+def output_files(prefix: str, suffixes: tuple[str, ...]) -> tuple[list[Path], str]:
+    """Files `<prefix>_00001_<suffix>`, one per suffix, sharing the next free number, and their subfolder."""
+    first, subfolder = output_file(prefix, suffixes[0])
+    stem = first.name[: -len(suffixes[0])]
+    return [first.with_name(stem + suffix) for suffix in suffixes], subfolder
+
+
+def finetuned_checkpoints() -> list[str]:
+    """Weight files in models/blip_diffusion_finetuned (subfolders included)."""
+    return compat.filenames(FINETUNED)
 
 
 def subject_files() -> list[str]:
