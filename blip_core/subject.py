@@ -11,6 +11,8 @@ from .prompt import NUM_QUERY_TOKENS
 # A category is a word or two ("dog", "teddy bear"). The BERT text beside the 16 queries holds a few
 # hundred tokens at most, and the prompt keeps 59 CLIP tokens, so a longer one is a mistake or hostile.
 MAX_CATEGORY_CHARS = 100
+# Several photos of one subject are a handful; the per-latent prompt encodes one row per view.
+MAX_VIEWS = 256
 
 
 def check_category(category: str, name: str = "subject") -> str:
@@ -32,11 +34,13 @@ def check_embeds(embeds: torch.Tensor, source: str = "subject") -> None:
     if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
         kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
         raise ValueError(f"{source}: subject embeddings must be floating point, got {kind}")
-    if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] != NUM_QUERY_TOKENS or embeds.shape[2] < 1:
+    if embeds.ndim != 3 or not 1 <= embeds.shape[0] <= MAX_VIEWS or embeds.shape[1] != NUM_QUERY_TOKENS:
         raise ValueError(
-            f"{source}: subject embeddings must have shape [views >= 1, {NUM_QUERY_TOKENS}, width], "
-            f"got {tuple(embeds.shape)}"
+            f"{source}: subject embeddings must have shape [views, {NUM_QUERY_TOKENS}, width] with 1 to "
+            f"{MAX_VIEWS} views, got {tuple(embeds.shape)}"
         )
+    if not 1 <= embeds.shape[2] <= 8192:
+        raise ValueError(f"{source}: subject embeddings {embeds.shape[2]} wide; CLIP token embeddings are 768 wide")
     if not torch.isfinite(embeds).all():
         raise ValueError(f"{source}: subject embeddings hold NaN or infinite values")
 

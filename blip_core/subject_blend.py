@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .messages import quoted
 from .subject import Subject
 
 
@@ -19,16 +20,19 @@ def parse_weights(text: str, count: int) -> torch.Tensor | None:
     """Comma-separated weights, one per view, scaled to sum 1; None for an empty text (equal weights)."""
     if not text.strip():
         return None
+    parts = text.split(",")
+    if len(parts) != count:
+        raise ValueError(f"expected {count} weights (one per subject image), got {len(parts)}: {quoted(text)}")
     try:
-        weights = [float(w) for w in text.split(",")]
+        weights = [float(w) for w in parts]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers such as '2, 1', got {text!r}") from None
-    if len(weights) != count:
-        raise ValueError(f"expected {count} weights (one per subject image), got {len(weights)}: {text!r}")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be zero or positive with a positive sum, got {text!r}")
-    total = sum(weights)
-    return torch.tensor([w / total for w in weights], dtype=torch.float32)
+        raise ValueError(f"expected comma-separated numbers such as '2, 1', got {quoted(text)}") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights) or max(weights) <= 0:
+        raise ValueError(f"weights must be finite, zero or positive, with a positive sum; got {quoted(text)}")
+    # Scaled by the largest first: the sum of two weights near the float maximum would overflow to infinity.
+    largest = max(weights)
+    scaled = [w / largest for w in weights]
+    return torch.tensor([w / sum(scaled) for w in scaled], dtype=torch.float32)
 
 
 def average_views(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,11 +22,12 @@ from safetensors.torch import save_file
 from .finetune import SUBJECT_NAME
 from .lavis_checkpoint import model_dict, subject_tensor
 from .loading import load_pickle
-from .subject import Subject, check_category, check_embeds
+from .subject import MAX_VIEWS, Subject, check_category, check_embeds
 
 FORMAT = "blip_diffusion_subject"
 VERSION = "1"
 RESERVED = ("format", "version", "category")
+MAX_HEADER_BYTES = 1 << 20
 WRITERS = "BLIP-Diffusion Save Subject or tools/import_lavis_subject.py"
 
 
@@ -46,10 +47,27 @@ def save_subject(subject: Subject, path: str | Path) -> None:
 
 
 def load_subject(path: str | Path) -> Subject:
-    """Read a subject file; a file of another kind or version is an error that says what was expected."""
+    """Read a subject file; a file of another kind or version is an error that says what was expected.
+
+    Whoever can reach a ComfyUI server can upload such a file, so it is read as hostile data: its header
+    (and so its metadata) is bounded before it is parsed, the tensor's shape is checked before it is read,
+    and the values are checked (Subject) before anything uses them.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subject file not found: {path}")
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    if header > path.stat().st_size - 8:
+        raise ValueError(
+            f"{path.name} is not a readable .safetensors file (truncated or corrupt?): its header "
+            "is longer than the file"
+        )
+    if header > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{path.name}: a subject file's header (its metadata) of {header} bytes; subject files "
+            f"hold a few hundred (at most {MAX_HEADER_BYTES})"
+        )
     try:
         with safe_open(str(path), "pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -67,6 +85,12 @@ def load_subject(path: str | Path) -> Subject:
                 raise ValueError(
                     f"{path.name}: a subject file of version {VERSION} needs an 'embeds' tensor; "
                     f"it holds {sorted(f.keys())}"
+                )
+            shape = f.get_slice("embeds").get_shape()
+            if len(shape) != 3 or not 1 <= shape[0] <= MAX_VIEWS:
+                raise ValueError(
+                    f"{path.name}: subject embeddings of shape {tuple(shape)}; expected [views, 16, width] "
+                    f"with 1 to {MAX_VIEWS} views"
                 )
             embeds = f.get_tensor("embeds")
     except SafetensorError as e:

@@ -20,19 +20,32 @@ from ..blip_core.layout import CONTROLNET
 from ..blip_core.loading import load_strict, read_state_dict
 from ..blip_core.preprocess import check_images, to_rgb, to_uint8
 from . import compat, paths
-from .api import CATEGORY, io
+from .api import CATEGORY, io, number_error
 from .models import load_controlnet
 
 HED_FILE = "ControlNetHED.pth"
+# An SD-1.5 ControlNet's hint is the output's size (512-1024); HED's memory grows with its square (~1 GB at 2048).
+MAX_RESOLUTION = 2048
 RESOLUTION_TIP = (
     "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), "
-    "and so is the output."
+    f"and so is the output. At most {MAX_RESOLUTION}."
 )
 
 
 def reference_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The control image [B,3,H,W] at the output size, resized as the reference resizes it."""
     return resize_control_image(hint.movedim(1, -1), height, width).movedim(-1, 1)
+
+
+def window_error(start: float | None, end: float | None) -> str | None:
+    """Why a start/end window would never run the ControlNet, or None."""
+    if start is None or end is None or start < end:
+        return None
+    relation = "equals" if start == end else "is after"
+    return (
+        f"start_percent: {start} {relation} end_percent {end}: the window is empty and the ControlNet would never "
+        "run; widen it, or use strength 0 for no control"
+    )
 
 
 def check_architecture(control_net, conditionings: list) -> None:
@@ -116,14 +129,22 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(
+        cls, strength: float | None = None, start_percent: float | None = None, end_percent: float | None = None
+    ):
+        return (
+            number_error(strength=strength, start_percent=start_percent, end_percent=end_percent)
+            or window_error(start_percent, end_percent)
+            or True
+        )
+
+    @classmethod
     def execute(
         cls, positive, negative, control_net, image, strength: float, start_percent: float, end_percent: float, vae=None
     ) -> io.NodeOutput:
-        if start_percent > end_percent:
-            raise ValueError(
-                f"BlipDiffusionControlNetApply: start_percent {start_percent} is after end_percent "
-                f"{end_percent}; the ControlNet would never run"
-            )
+        error = window_error(start_percent, end_percent)  # again: linked values skip validate_inputs
+        if error:
+            raise ValueError(f"BlipDiffusionControlNetApply: {error}")
         if strength == 0:  # exactly no control, as ComfyUI's Apply ControlNet
             return io.NodeOutput(positive, negative)
         check_architecture(control_net, positive + negative)
@@ -218,7 +239,7 @@ class BlipDiffusionCannyEdges(io.ComfyNode):
                     max=255,
                     tooltip="Canny's upper hysteresis threshold (0-255); the reference example uses 70.",
                 ),
-                io.Int.Input("resolution", default=512, min=64, max=16384, step=64, tooltip=RESOLUTION_TIP),
+                io.Int.Input("resolution", default=512, min=64, max=MAX_RESOLUTION, step=64, tooltip=RESOLUTION_TIP),
             ],
             outputs=[io.Image.Output(display_name="edges", tooltip="White edges on black, RGB.")],
         )
@@ -287,7 +308,7 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
                 io.Boolean.Input(
                     "safe", default=False, tooltip="Quantize the edge strengths to fewer levels (HED safe mode)."
                 ),
-                io.Int.Input("resolution", default=512, min=64, max=16384, step=64, tooltip=RESOLUTION_TIP),
+                io.Int.Input("resolution", default=512, min=64, max=MAX_RESOLUTION, step=64, tooltip=RESOLUTION_TIP),
             ],
             outputs=[io.Image.Output(display_name="edges", tooltip="White edges on black, RGB.")],
         )
@@ -296,7 +317,7 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
     def validate_inputs(cls, annotator: str):
         try:
             hed_weights(annotator)
-        except (FileNotFoundError, ValueError) as e:
+        except (ValueError, OSError) as e:
             return str(e)
         return True
 

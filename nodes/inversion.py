@@ -8,13 +8,11 @@ pack's samplers start from it without adding noise.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..blip_core.sampling import DDIM_OFFSET, invert_ddim, reference_sigmas
 from . import compat
-from .api import CATEGORY, io
+from .api import CATEGORY, io, number_error
 from .sampling import INVERTED, check_batches, eps_function, progress, steps_input
 
 
@@ -79,9 +77,7 @@ class BlipDiffusionDDIMInversion(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, cfg: float | None = None):
-        if cfg is not None and not math.isfinite(cfg):
-            return f"cfg: expected a number from 1 to 100, got {cfg}"
-        return True
+        return number_error(cfg=cfg) or True
 
     @classmethod
     def execute(cls, model, positive, latent, steps: int, cfg: float, negative=None) -> io.NodeOutput:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..blip_core.layout import CONFIG, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES, check_model_folder
 from . import paths
 from .api import CATEGORY, SubjectEncoderType, combo_error, io
-from .models import load_clip, load_unet, load_vae
+from .models import load_clip, load_unet, load_vae, read_configs
 from .subject import DTYPES, load_encoder
 
 WHERE = (
@@ -68,9 +68,12 @@ class BlipDiffusionLoader(io.ComfyNode):
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
         folder = paths.resolve(model_name, what="BLIP-Diffusion model")
         check_model_folder(folder)
+        unet_config, encoder_config = read_configs(folder)
         # The biggest part first: its file and its copy are both in memory while it loads.
-        unet = load_unet(folder, DTYPES[weight_dtype])
-        return io.NodeOutput(unet, load_clip(folder), load_vae(folder), load_encoder(folder, weight_dtype))
+        unet = load_unet(folder, unet_config, DTYPES[weight_dtype])
+        return io.NodeOutput(
+            unet, load_clip(folder), load_vae(folder), load_encoder(folder, weight_dtype, encoder_config)
+        )
 
 
 class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):

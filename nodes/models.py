@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..blip_core.layout import CONFIG, TEXT_ENCODER, UNET, VAE
+from ..blip_core.config import SubjectEncoderConfig, unet_config
+from ..blip_core.layout import CONFIG, QFORMER, TEXT_ENCODER, UNET, VAE
 from ..blip_core.loading import read_state_dict
 from . import compat
 
@@ -31,6 +32,17 @@ def read_config(path: Path, model: str) -> dict:
     return data
 
 
+def read_configs(folder: Path) -> tuple[dict, SubjectEncoderConfig]:
+    """The UNet's and the subject encoder's configs, checked before anything is loaded: a broken or hostile
+    config.json is refused in a second, not after minutes of loading the other parts."""
+    unet_file = UNET.config_file(folder)
+    unet = unet_config(read_config(unet_file, folder.name), f"{folder.name}: {unet_file}")
+    encoder_file = QFORMER.config_file(folder)
+    return unet, SubjectEncoderConfig.from_dict(
+        read_config(encoder_file, folder.name), f"{folder.name}: {encoder_file}"
+    )
+
+
 def diffusers_to_ldm(state_dict: dict, mapping: dict, source: Path, what: str = "an SD-1.5-style UNet") -> dict:
     unexpected = sorted(set(state_dict) - set(mapping))
     if unexpected:
@@ -38,10 +50,10 @@ def diffusers_to_ldm(state_dict: dict, mapping: dict, source: Path, what: str = 
     return {mapping[k]: v for k, v in state_dict.items()}
 
 
-def load_unet(folder: Path, dtype: torch.dtype | None):
+def load_unet(folder: Path, config: dict, dtype: torch.dtype | None):
+    """The UNet of `folder`, described by its checked `config` (read_configs)."""
     path = UNET.weights_file(folder)
-    mapping = compat.unet_key_mapping(read_config(UNET.config_file(folder), folder.name))
-    ldm = diffusers_to_ldm(read_state_dict(path), mapping, path)
+    ldm = diffusers_to_ldm(read_state_dict(path), compat.unet_key_mapping(config), path)
     model, kind = compat.load_unet(ldm, dtype)
     if model is None:
         raise ValueError(
@@ -95,7 +107,8 @@ def load_controlnet(path: Path):
     diffusers = compat.is_diffusers_controlnet(state_dict)
     converted = diffusers and (path.parent / CONFIG).is_file()
     if converted:
-        mapping = compat.controlnet_key_mapping(read_config(path.parent / CONFIG, path.parent.parent.name), state_dict)
+        config = unet_config(read_config(path.parent / CONFIG, path.parent.parent.name), str(path.parent / CONFIG))
+        mapping = compat.controlnet_key_mapping(config, state_dict)
         state_dict = diffusers_to_ldm(state_dict, mapping, path, "an SD-1.5-style ControlNet")
     elif diffusers and not compat.comfy_knows_diffusers_controlnet(state_dict):
         raise ValueError(

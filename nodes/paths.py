@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..blip_core.layout import CONFIG, CONTROLNET, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES
+from ..blip_core.messages import quoted
 from . import compat
 
 MODELS = "blip_diffusion"
@@ -14,6 +15,8 @@ ANNOTATORS = "annotators"  # preprocessor weights, e.g. models/annotators/Annota
 CONTROLNETS = "controlnet"  # ComfyUI's own folder
 SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
 INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (folder_paths.annotated_filepath)
+MAX_NAME = 1024  # characters of a user-typed name (file systems allow 255 a part, 4096 a path)
+MAX_PART = 255
 
 
 def register() -> None:
@@ -56,7 +59,7 @@ def controlnet_entries() -> list[str]:
 
 def release_with_controlnet(name: str) -> Path | None:
     """The BLIP-Diffusion folder `name` in models/blip_diffusion if it holds a controlnet/, else None."""
-    if escapes(name):
+    if escapes(name) or malformed(name):
         return None
     return next((root / name for root in roots() if (root / name / CONTROLNET.folder / CONFIG).is_file()), None)
 
@@ -92,9 +95,9 @@ def entry_error(input_name: str, name: str | None, kind: str, what: str, is_entr
         return None
     try:
         path = resolve(name, kind, what)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         return f"{input_name}: {e}"
-    return None if is_entry(path) else f"{input_name}: {what} {name!r} is in models/{kind} but {expected}"
+    return None if is_entry(path) else f"{input_name}: {what} {quoted(name)} is in models/{kind} but {expected}"
 
 
 def escapes(name: str) -> bool:
@@ -107,27 +110,46 @@ def escapes(name: str) -> bool:
     return not name.strip() or bool(candidate.anchor) or ".." in candidate.parts
 
 
+def malformed(name: str) -> str | None:
+    """Why a name cannot be a file name at all (control characters, a length no file system takes), or None."""
+    if any(ord(c) < 32 for c in name):
+        return "it holds control characters"
+    if len(name) > MAX_NAME or any(len(part) > MAX_PART for part in Path(name).parts):
+        return f"it is {len(name)} characters long (file names take at most {MAX_PART} a part)"
+    return None
+
+
 def _inside(name: str, folders: list[Path], where: str, what: str) -> Path:
-    candidate = Path(name)
     if escapes(name):
-        raise ValueError(f"{what} {name!r} must be a name inside {where}, not a path")
+        raise ValueError(f"{what} {quoted(name)} must be a name inside {where}, not a path")
+    problem = malformed(name)
+    if problem:
+        raise ValueError(f"{what} {quoted(name)} is not a file name: {problem}")
     for root in folders:
-        path = root / candidate  # lexically inside root; links an admin placed there are followed
+        path = root / name  # lexically inside root; links an admin placed there are followed
         if path.exists():
             return path
     searched = ", ".join(str(r) for r in folders)
-    raise FileNotFoundError(f"{what} {name!r} not found in {where} (searched: {searched})")
+    raise FileNotFoundError(f"{what} {quoted(name)} not found in {where} (searched: {searched})")
 
 
 def prefix_error(prefix: str | None) -> str | None:
-    """Why a saver's `filename_prefix` would leave the output folder, or None. (None in: the value is linked.)"""
+    """Why a saver's `filename_prefix` would leave the output folder or make no file name, or None. (None in:
+    the value is linked.)"""
     if prefix is None:
         return None
+    expected = (
+        "expected a name inside the output folder, optionally with subfolders, e.g. 'blip_diffusion/subjects/cat'"
+    )
     if escapes(prefix):
-        return (
-            f"filename_prefix {prefix!r}: expected a name inside the output folder, optionally with "
-            "subfolders, e.g. 'blip_diffusion/subjects/cat'"
-        )
+        return f"filename_prefix {quoted(prefix)}: {expected}"
+    problem = malformed(prefix) or (
+        "its file name part is empty or hidden (starts with '.')"
+        if Path(prefix).name in ("", ".") or prefix.endswith(("/", "\\")) or Path(prefix).name.startswith(".")
+        else None
+    )
+    if problem:
+        return f"filename_prefix {quoted(prefix)}: {problem}; {expected}"
     return None
 
 
@@ -170,6 +192,8 @@ def resolve_subject_file(name: str) -> Path:
         )
     if path.suffix.lower() != SUBJECT_SUFFIX:
         raise ValueError(
-            f"subject_file {name!r}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)"
+            f"subject_file {quoted(name)}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)"
         )
+    if not path.is_file():
+        raise ValueError(f"subject_file {quoted(name)} is a folder, not a subject file")
     return path

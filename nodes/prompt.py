@@ -13,7 +13,7 @@ import torch
 from ..blip_core.prompt import build_prompt, splice_context
 from ..blip_core.subject_blend import average_views, parse_weights
 from . import compat
-from .api import CATEGORY, SubjectType, combo_error, io
+from .api import CATEGORY, SubjectType, combo_error, io, number_error
 
 MULTI_IMAGE = ("average", "per latent")
 
@@ -125,8 +125,12 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, multi_image: str | None = None):
-        return combo_error("multi_image", multi_image, MULTI_IMAGE) or True
+    def validate_inputs(cls, multi_image: str | None = None, prompt_strength: float | None = None):
+        return (
+            combo_error("multi_image", multi_image, MULTI_IMAGE)
+            or number_error(prompt_strength=prompt_strength)
+            or True
+        )
 
     @classmethod
     def execute(

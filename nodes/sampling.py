@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..blip_core.sampling import DDIM_OFFSET, PLMS_OFFSET, reference_sigmas, sample_ddim, sample_plms, starts_from_noise
+from ..blip_core.sampling import (
+    DDIM_OFFSET,
+    NUM_TRAIN_TIMESTEPS,
+    PLMS_OFFSET,
+    reference_sigmas,
+    sample_ddim,
+    sample_plms,
+    starts_from_noise,
+)
 from . import compat
-from .api import CATEGORY, combo_error, io
+from .api import CATEGORY, combo_error, io, number_error
 
 # The reference samplers, by sampler_name: their loop and the steps_offset of their schedule.
 REFERENCE = {"pndm": (sample_plms, PLMS_OFFSET), "reference_ddim": (sample_ddim, DDIM_OFFSET)}
@@ -14,6 +22,7 @@ SAMPLERS = [*REFERENCE, *compat.sampler_names()]
 SCHEDULERS = ["reference", *compat.scheduler_names()]
 SCHEDULES = {"pndm": "pndm", "ddim": "reference_ddim"}  # BlipDiffusionReferenceSigmas' choices
 INVERTED = "blipd_inverted"  # a LATENT key: the latent is a DDIM inversion's end, a VE sample at this sigma
+MAX_SCHEDULE = 10_000  # steps / denoise for ComfyUI's schedulers: more is a typo or hostile, not a schedule
 
 
 def steps_input() -> io.Int.Input:
@@ -74,11 +83,34 @@ class ReferenceSampler(compat.Sampler):
         return x / (1 + sigmas[-1] ** 2).sqrt()
 
 
+def schedule_error(steps: int | None, denoise: float | None, scheduler: str | None) -> str | None:
+    """Why `steps` at `denoise` make no schedule, or None. Like ComfyUI's KSampler, denoise d runs the last
+    `steps` of a schedule of steps / d; the reference schedule has at most 1000 distinct timesteps (its spacing
+    would be 0 beyond), and ComfyUI's schedulers are bounded too, so a tiny denoise cannot ask for billions."""
+    if steps is None or denoise is None or not 0.0 < denoise < 0.9999:
+        return None
+    limit = NUM_TRAIN_TIMESTEPS if scheduler == "reference" else MAX_SCHEDULE
+    if steps / denoise > limit:
+        what = (
+            "the reference schedule has at most 1000 timesteps"
+            if limit == NUM_TRAIN_TIMESTEPS
+            else (f"at most {MAX_SCHEDULE} are supported")
+        )
+        return (
+            f"denoise: {steps} steps at denoise {denoise:g} need a schedule of {steps / denoise:.0f} steps, but "
+            f"{what}: use a denoise of at least {steps / limit:.4g}, or fewer steps"
+        )
+    return None
+
+
 def sampler_sigmas(model, sampler_name: str, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
     """The sigmas a KSampler would use, plus the `reference` schedule (PNDM's timesteps, or DDIM's for
     reference_ddim)."""
     if denoise <= 0.0:
         return torch.zeros(0)
+    error = schedule_error(steps, denoise, scheduler)
+    if error:
+        raise ValueError(error)
     total = steps if denoise >= 0.9999 else int(steps / denoise)
     if scheduler == "reference":
         _, offset = REFERENCE.get(sampler_name, REFERENCE["pndm"])
@@ -183,10 +215,19 @@ class BlipDiffusionSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name: str | None = None, scheduler: str | None = None):
+    def validate_inputs(
+        cls,
+        sampler_name: str | None = None,
+        scheduler: str | None = None,
+        cfg: float | None = None,
+        denoise: float | None = None,
+        steps: int | None = None,
+    ):
         return (
             combo_error("sampler_name", sampler_name, SAMPLERS)
             or combo_error("scheduler", scheduler, SCHEDULERS)
+            or number_error(cfg=cfg, denoise=denoise)
+            or schedule_error(steps, denoise, scheduler)
             or True
         )
 
@@ -279,8 +320,13 @@ class BlipDiffusionReferenceSigmas(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, schedule: str | None = None):
-        return combo_error("schedule", schedule, list(SCHEDULES)) or True
+    def validate_inputs(cls, schedule: str | None = None, denoise: float | None = None, steps: int | None = None):
+        return (
+            combo_error("schedule", schedule, list(SCHEDULES))
+            or number_error(denoise=denoise)
+            or schedule_error(steps, denoise, "reference")
+            or True
+        )
 
     @classmethod
     def execute(cls, steps: int, denoise: float, schedule: str = "pndm") -> io.NodeOutput:

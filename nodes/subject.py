@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..blip_core.config import SubjectEncoderConfig
 from ..blip_core.preprocess import MODES
-from ..blip_core.subject import Subject, check_category
+from ..blip_core.subject import MAX_VIEWS, Subject, check_category
 from ..blip_core.subject_encoder import SubjectEncoder, load_subject_encoder
 from . import compat
 from .api import CATEGORY, SubjectEncoderType, SubjectType, combo_error, io
@@ -48,8 +49,9 @@ def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if compat.cpu_has_fast_bf16() else torch.float32
 
 
-def load_encoder(path: Path, dtype_choice: str) -> LoadedSubjectEncoder:
-    """The subject encoder of a model folder or weights file, in ComfyUI's model management."""
+def load_encoder(path: Path, dtype_choice: str, config: SubjectEncoderConfig | None = None) -> LoadedSubjectEncoder:
+    """The subject encoder of a model folder or weights file, in ComfyUI's model management (`config`: its
+    already checked configuration, if the caller read it)."""
     load_device, offload_device = compat.text_encoder_devices()
     dtype = encoder_dtype(dtype_choice, load_device)
     pbar = compat.ProgressBar(100)
@@ -60,7 +62,7 @@ def load_encoder(path: Path, dtype_choice: str) -> LoadedSubjectEncoder:
             pbar.update_absolute(percent)
 
     encoder = load_subject_encoder(
-        path, device=offload_device, dtype=dtype, operations=compat.manual_cast, progress=progress
+        path, device=offload_device, dtype=dtype, operations=compat.manual_cast, config=config, progress=progress
     )
     patcher = compat.ModelPatcher(encoder.model, load_device=load_device, offload_device=offload_device)
     logging.info("BLIP-Diffusion: subject encoder %s loaded (%s)", path.name, dtype)
@@ -123,6 +125,8 @@ class BlipDiffusionSubjectEncoder(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject_encoder, image, subject: str, preprocess: str, mask=None) -> io.NodeOutput:
+        if image.ndim == 4 and image.shape[0] > MAX_VIEWS:  # refused before minutes of encoding, not after
+            raise ValueError(f"image: a batch of {image.shape[0]} photos; a subject has at most {MAX_VIEWS} views")
         embeds = subject_encoder.encode(image, subject, preprocess, mask)
         metadata = {
             "preprocess": preprocess,

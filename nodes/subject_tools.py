@@ -7,7 +7,7 @@ import hashlib
 from ..blip_core.subject_blend import blend
 from ..blip_core.subject_file import load_subject, save_subject
 from . import paths
-from .api import CATEGORY, SubjectType, io
+from .api import CATEGORY, SubjectType, io, number_error
 
 
 class BlipDiffusionSubjectBlend(io.ComfyNode):
@@ -45,6 +45,10 @@ class BlipDiffusionSubjectBlend(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ratio: float | None = None):
+        return number_error(ratio=ratio) or True
+
+    @classmethod
     def execute(cls, subject_a, subject_b, ratio: float, category: str = "") -> io.NodeOutput:
         return io.NodeOutput(blend(subject_a, subject_b, ratio, category))
 
@@ -77,8 +81,11 @@ class BlipDiffusionSaveSubject(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject, filename_prefix: str) -> io.NodeOutput:
-        path, subfolder = paths.output_file(filename_prefix, ".safetensors")
-        save_subject(subject, path)
+        try:
+            path, subfolder = paths.output_file(filename_prefix, ".safetensors")
+            save_subject(subject, path)
+        except OSError as e:  # e.g. a folder of the prefix is a file already
+            raise ValueError(f"filename_prefix: cannot write a subject file there: {e}") from None
         # A file locator, as SaveLatent reports its files: the /history entry names what was written.
         return io.NodeOutput(ui={"subjects": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]})
 
@@ -108,7 +115,7 @@ class BlipDiffusionLoadSubject(io.ComfyNode):
         # Replaces ComfyUI's is-it-in-the-list check, so the message names the folders searched.
         try:
             paths.resolve_subject_file(subject_file)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             return str(e)
         return True
 

@@ -45,11 +45,20 @@ class Comfy:
     def __init__(self, url: str, base: Path, log: Path):
         self.url, self.base, self.log = url, base, log
 
-    def request(self, method: str, path: str, body=None, timeout: float = 30):
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
+    def request(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        timeout: float = 30,
+        data: bytes | None = None,
+        content_type: str = "application/json",
+    ):
+        """(status, body bytes) of an HTTP request to the server; `body` is sent as JSON, `data` as it is."""
+        if body is not None:
+            data = json.dumps(body).encode()
         # self.url is the server this harness started: http://127.0.0.1:<port>
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)  # noqa: S310
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": content_type})  # noqa: S310
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
                 return r.status, r.read()
@@ -99,6 +108,20 @@ class Comfy:
 
         with safe_open(str(self.base / "output" / "probe" / f"{name}.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def upload(self, name: str, data: bytes) -> dict:
+        """POST /upload/image as the front end does (multipart): any file lands in the input folder this way."""
+        boundary = uuid.uuid4().hex
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        status, reply = self.request(
+            "POST", "/upload/image", data=body, content_type=f"multipart/form-data; boundary={boundary}"
+        )
+        assert status == 200, (status, reply[:500])
+        return json.loads(reply)
 
     def put_input(self, name: str, pixels: np.ndarray) -> str:
         """Write an image into ComfyUI's input folder (what LoadImage reads)."""

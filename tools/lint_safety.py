@@ -12,6 +12,8 @@
   folder or opened directly.
 - static-comfy-internals: in nodes/, only compat.py touches ComfyUI's internal attributes
   (ruff's banned-api rule already keeps ComfyUI's imports there).
+- static-float-inputs: every FLOAT input of a node is passed to number_error in its validate_inputs
+  (ComfyUI's own min/max check lets NaN through).
 
 The ids are the rows of docs/reliability.md these checks cover.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"node_modules", "__pycache__"}  # and every hidden folder: .git, the venvs, .cache
-CHECKS = ("static-torch-load", "static-user-paths", "static-comfy-internals")
+CHECKS = ("static-torch-load", "static-user-paths", "static-comfy-internals", "static-float-inputs")
 
 RESOLVER_MODULE = "paths"  # nodes/paths.py: every user-named file goes through it
 NODE_METHODS = ("execute", "validate_inputs", "fingerprint_inputs")
@@ -155,14 +157,62 @@ def comfy_internals(source: str) -> list[str]:
     ]
 
 
+def float_input_name(call: ast.AST) -> str | None:
+    """The input name of an `io.Float.Input("name", ...)` call, else None."""
+    if (
+        isinstance(call, ast.Call)
+        and ast.unparse(call.func) == "io.Float.Input"
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+    ):
+        return call.args[0].value
+    return None
+
+
+def float_helpers(sources: list[str]) -> dict[str, str]:
+    """Module functions of the node files that return an io.Float.Input: function name -> input name."""
+    helpers = {}
+    for source in sources:
+        for function in (n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Return) and (name := float_input_name(node.value)):
+                    helpers[function.name] = name
+    return helpers
+
+
+def unchecked_floats(source: str, helpers: dict[str, str]) -> list[str]:
+    """FLOAT inputs of the nodes in `source` that their validate_inputs does not pass to number_error."""
+    problems = []
+    for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
+        floats = set()
+        for node in ast.walk(cls):
+            name = float_input_name(node)
+            if name is None and isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                name = helpers.get(node.func.id)
+            if name is not None:
+                floats.add(name)
+        validate = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "validate_inputs"), None)
+        checked = set()
+        for node in ast.walk(validate) if validate else ():
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "number_error":
+                checked |= {k.arg for k in node.keywords if isinstance(k.value, ast.Name) and k.value.id == k.arg}
+        problems += [
+            f"{cls.name}: FLOAT input {name!r} is not checked by number_error in validate_inputs"
+            for name in sorted(floats - checked)
+        ]
+    return problems
+
+
 def lint(root: Path = ROOT) -> dict[str, list[str]]:
     """Problems by check id (empty lists when all is well)."""
     problems = {check: [] for check in CHECKS}
     for path in python_files(root):
         for found in unsafe_loads(path.read_text()):
             problems["static-torch-load"].append(f"{path.relative_to(root)}: {found}")
-    for path in sorted((root / "nodes").glob("*.py")):
-        source = path.read_text()
+    node_files = {path: path.read_text() for path in sorted((root / "nodes").glob("*.py"))}
+    helpers = float_helpers(list(node_files.values()))
+    for path, source in node_files.items():
+        problems["static-float-inputs"] += [f"{path.name}: {p}" for p in unchecked_floats(source, helpers)]
         problems["static-user-paths"] += [f"{path.name}: {p}" for p in unresolved_uses(source)[1]]
         if path.name != COMPAT_MODULE:
             problems["static-comfy-internals"] += [f"{path.name}: {p}" for p in comfy_internals(source)]

@@ -4,9 +4,16 @@ test_reliability.py checks that the doc lists exactly the registered rows and th
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
+import os
+import signal
+import threading
+import time
 from pathlib import Path
+
+import psutil
 
 from blip_diffusion_nodes.tests.graphs import zero_shot
 from blip_diffusion_nodes.tools.comfy_server import execution_error
@@ -74,3 +81,33 @@ def all_covered_rows() -> set[str]:
     for path in sorted(Path(__file__).parent.glob("test_*.py")):
         importlib.import_module(f"blip_diffusion_nodes.tests.comfy.{path.stem}")
     return set(COVERED)
+
+
+@contextlib.contextmanager
+def memory_guard(comfy, limit_gb: float = 3.0):
+    """Hostile cases run under this: the server's resident memory may grow by at most `limit_gb` while the block
+    runs. A watcher samples it every 50 ms and, past the limit, kills the server before it can take the machine
+    down; the test then fails (a regression fails the test, not the machine)."""
+    server = psutil.Process(comfy.pid)
+    start = server.memory_info().rss
+    limit = start + limit_gb * (1 << 30)
+    peak, done = [start], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            rss = server.memory_info().rss
+            peak[0] = max(peak[0], rss)
+            if rss > limit:
+                os.killpg(comfy.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+    growth = (peak[0] - start) / (1 << 30)
+    assert peak[0] <= limit, f"the server's memory grew by {growth:.1f} GB (limit {limit_gb} GB): it was stopped"

@@ -52,7 +52,7 @@ def _browser_or_skip() -> None:
         pytest.skip("no node or tests/ui/node_modules: run `make ui-deps`")
 
 
-def drive(url: str, files: list[Path], *options: str, timeout: float = 400) -> dict[str, dict]:
+def drive(url: str, files: list[Path], *options: str, timeout: float = 900) -> dict[str, dict]:
     """Run drive.js; its JSON lines by workflow name. Its own process group, so that a timeout also ends
     the Chromium that playwright started (killing node alone would leave it running)."""
     proc = subprocess.Popen(
