@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +34,12 @@ from ..blip_core.finetune import (
 from ..blip_core.lavis_checkpoint import read_lavis_checkpoint
 from ..blip_core.layout import WEIGHT_SUFFIXES
 from ..blip_core.loss_curve import as_comfy_image, loss_curve_image
+from ..blip_core.messages import quoted
 from ..blip_core.subject import Subject, check_category
 from ..blip_core.subject_blend import average_views
 from ..blip_core.subject_file import save_subject
 from . import compat, paths
-from .api import CATEGORY, SubjectType, combo_error, io
+from .api import CATEGORY, SubjectType, combo_error, io, number_error
 from .prompt import fused_tokens
 
 FILE_FORMAT = "blip_diffusion_finetune"
@@ -47,6 +47,7 @@ FILE_VERSION = "1"
 # A training step keeps the UNet's activations for the backward pass: about this many times what ComfyUI
 # reserves for one inference call on the same latents (measured by bench/run.py --only finetune).
 ACTIVATION_FACTOR = 4
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 PREVIEW = 512  # px: the loss curve shown on the node while it trains
 DIFF_FILE_DTYPE = torch.float16  # weight differences are small: half precision halves the file (README)
 
@@ -192,8 +193,8 @@ class BlipDiffusionFinetune(io.ComfyNode):
                 io.Int.Input(
                     "resolution",
                     default=RESOLUTION,
-                    min=64,
-                    max=2048,
+                    min=MIN_RESOLUTION,
+                    max=MAX_RESOLUTION,
                     step=8,
                     optional=True,
                     tooltip="Training size in pixels (the original: 512). Smaller trains faster and in less memory.",
@@ -208,12 +209,17 @@ class BlipDiffusionFinetune(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, learning_rate=None, weight_decay=None, train=None, resolution=None):
-        for name, value in (("learning_rate", first(learning_rate)), ("weight_decay", first(weight_decay))):
-            if value is not None and not math.isfinite(value):
-                return f"{name}: expected a finite number, 0 or more, got {value}"
+        # ComfyUI skips its own min/max checks for the inputs a node validates itself, and lets NaN through.
+        learning_rate, weight_decay = first(learning_rate), first(weight_decay)
+        error = number_error(learning_rate=learning_rate, weight_decay=weight_decay)
+        if error:
+            return error
+        for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+            if value is not None and not 0 <= value <= 1:
+                return f"{name}: expected a number from 0 to 1, got {quoted(value)}"
         size = first(resolution)
-        if size is not None and size % 8:
-            return f"resolution: expected a multiple of 8 (the VAE's factor), got {size}"
+        if size is not None and (size % 8 or not MIN_RESOLUTION <= size <= MAX_RESOLUTION):
+            return f"resolution: expected a multiple of 8 from {MIN_RESOLUTION} to {MAX_RESOLUTION}, got {size}"
         return combo_error("train", first(train), list(MODES)) or True
 
     @classmethod

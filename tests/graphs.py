@@ -193,8 +193,8 @@ def finetune(
     **settings,
 ) -> Graph:
     """Loader (1) -> the subject photo (2) -> its zero-shot subject (3, preprocess crop); the training photos, a
-    folder of the input folder (4), optionally through ProbeFinetuneTrace (5) -> BlipDiffusion Fine-tune (6):
-    3 steps of the original recipe at 64x64 unless `settings` say otherwise."""
+    folder of the input folder (4), optionally through ProbeFinetuneTrace (5) -> BlipDiffusion Fine-tune (6)
+    -> its loss curve previewed (19): 3 steps of the original recipe at 64x64 unless `settings` say otherwise."""
     g = Graph()
     loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")[0]
     photo = g.add("LoadImage", "2", image=image)
@@ -224,6 +224,7 @@ def finetune(
         steps=steps,
         **(recipe | settings),
     )
+    g.add("PreviewImage", "19", images=["6", 2])
     return g
 
 
