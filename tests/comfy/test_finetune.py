@@ -206,6 +206,8 @@ def lavis_file(comfy, tiny_model, finetuned_folder) -> str:
 
 
 def lavis_graph(tiny_model: str, checkpoint: str, name: str) -> Graph:
+    """Loader -> LAVIS Fine-tuned Loader -> its subject saved and its UNet probed (needs the `photos` fixture: a
+    LoadImage of a missing file would only skip the probe, as ComfyUI runs the outputs that validate)."""
     g = Graph()
     g.add("BlipDiffusionLoader", "1", model_name=tiny_model, weight_dtype="auto")
     g.add("BlipDiffusionLAVISFinetunedLoader", "2", model=["1", 0], checkpoint=checkpoint, category="")
@@ -215,7 +217,7 @@ def lavis_graph(tiny_model: str, checkpoint: str, name: str) -> Graph:
 
 
 @pytest.mark.reference
-def test_lavis_checkpoint_loads_to_the_unet_diffusers_loads(comfy, tiny_model, lavis_file, reference, tmp_path):
+def test_lavis_checkpoint_loads_to_the_unet_diffusers_loads(comfy, tiny_model, photos, lavis_file, reference, tmp_path):
     comfy.run_ok(lavis_graph(tiny_model, lavis_file, "lavis"))
     subject, meta = comfy.probe("lavis_subject")
     ours = comfy.probe("lavis_eps")[0]
@@ -453,7 +455,7 @@ def lavis_failure(comfy, tiny_model: str, checkpoint: str, *expected: str) -> st
 
 
 @covers("lavis-checkpoint-other-architecture")
-def test_lavis_checkpoint_of_another_architecture(comfy, tiny_model, finetuned_folder):
+def test_lavis_checkpoint_of_another_architecture(comfy, tiny_model, photos, finetuned_folder):
     g = torch.Generator().manual_seed(0)
     sd2 = {
         "conv_in.weight": torch.randn(320, 4, 3, 3, generator=g),
@@ -472,7 +474,7 @@ def test_lavis_checkpoint_of_another_architecture(comfy, tiny_model, finetuned_f
 
 
 @covers("lavis-checkpoint-pickle")
-def test_lavis_checkpoint_that_would_run_code(comfy, tiny_model, finetuned_folder, tmp_path):
+def test_lavis_checkpoint_that_would_run_code(comfy, tiny_model, photos, finetuned_folder, tmp_path):
     marker = tmp_path / "pwned-lavis"
     pickle_bomb(finetuned_folder / "bomb.pth", marker)
     lavis_failure(comfy, tiny_model, "bomb.pth", "refused to load", "weights_only=True rejected it")
