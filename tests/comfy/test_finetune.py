@@ -25,6 +25,14 @@ CAT = "blipd_example_cat.jpg"
 PHOTOS = "blipd_finetune_photos"  # a folder of the input folder: the training photos, each of its own size
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what LoadImageDataSetFromFolder lists
 EVAL_STEPS = "20,150,300,450,600,750,900,980"
+# At 64x64 the tiny UNet's mid block sees a 1x1 latent: its self-attention has one key, the softmax is constant,
+# so its query and key weights get no gradient (both sides hold rounding noise, ~1e-9): judged as zero, not
+# relative to themselves. The threshold is relative to the norm of the whole gradient (~10).
+ZERO_GRADIENT = 1e-7
+SUBJECT = "ctx_embeddings_cache"
+ZERO_BY_CONSTRUCTION = {
+    f"unet.mid_block.attentions.0.transformer_blocks.0.attn1.{name}.weight" for name in ("to_q", "to_k")
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +91,13 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     return float((ours - theirs).abs().max() / scale), float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
 
 
-def worst(pairs) -> tuple[float, float, str]:
-    """The largest max-relative and norm-relative errors over (name, ours, theirs) triples, and the worst name."""
-    top_max, top_norm, name = 0.0, 0.0, ""
-    for key, ours, theirs in pairs:
-        err_max, err_norm = relative(ours, theirs)
-        if err_norm > top_norm:
-            name = key
-        top_max, top_norm = max(top_max, err_max), max(top_norm, err_norm)
-    return top_max, top_norm, name
+def worst(names: list[str], stats: np.ndarray, skip: set[str] = frozenset()) -> tuple[float, float, str]:
+    """The largest norm-relative and max-relative errors over the tensors of run_finetune.py's statistics
+    (rows: ||ours - ref||, ||ref||, ||ours||, max |ours - ref|, max |ref|), and the name of the worst (norm)."""
+    keep = np.array([n not in skip for n in names])
+    norm = stats[keep, 0] / np.maximum(stats[keep, 1], 1e-30)
+    top = stats[keep, 3] / np.maximum(stats[keep, 4], 1e-30)
+    return float(norm.max()), float(top.max()), [n for n in names if n not in skip][int(norm.argmax())]
 
 
 # --- the original recipe against diffusers ------------------------------------------------------------------
@@ -114,7 +120,7 @@ def test_three_steps_match_a_diffusers_training_loop(comfy, tiny_model, photos, 
     np.save(tmp_path / "subject.npy", start.numpy())
     for key in ("z", "t", "context"):
         np.save(tmp_path / f"{key}.npy", ours_eps[key].numpy())
-    tensors = tmp_path / "reference.safetensors"
+    trace = comfy.base / "output" / "probe" / "ft_parity"
     ref = reference(
         "run_finetune.py",
         model=str(comfy.base / "models" / "blip_diffusion" / tiny_model),
@@ -127,38 +133,44 @@ def test_three_steps_match_a_diffusers_training_loop(comfy, tiny_model, photos, 
         weight_decay=0.01,
         seed=11,
         resolution=64,
-        tensors=str(tensors),
+        ours=str(trace),
         probe={k: str(tmp_path / f"{k}.npy") for k in ("z", "t", "context")},
     )
-    trace = comfy.base / "output" / "probe" / "ft_parity"
+    names = [str(n) for n in ref["names"]]
     report = []
-    with safe_open(str(tensors), "pt") as theirs:
-        for k in (1, 2, 3):
-            ours = load_file(str(trace / f"step{k}.safetensors"))
-            for name in ("photos", "timesteps"):
-                assert torch.equal(ours[f"draws.{name}"], torch.from_numpy(ref[f"draws{k}_{name}"])), (k, name)
-            assert torch.equal(ours["draws.noise"], torch.from_numpy(ref[f"draws{k}_noise"]))
-            loss_err = abs(float(ours["loss"]) - ref["loss"][k - 1]) / abs(ref["loss"][k - 1])
-            grads = [(n[5:], ours[n], theirs.get_tensor(f"grad{k}.{n[5:]}")) for n in ours if n.startswith("grad.")]
-            assert len(grads) == len([n for n in theirs.keys() if n.startswith(f"grad{k}.")])
-            g_max, g_norm, g_name = worst(grads)
-            report.append(
-                f"step {k}: loss {float(ours['loss']):.6f} (rel. error {loss_err:.1e}), gradients max "
-                f"{g_max:.1e} / norm {g_norm:.1e} of the reference (worst: {g_name})"
-            )
-            assert loss_err <= 1e-5
-            assert g_norm <= 1e-5, g_name
-        final = load_file(str(trace / "final.safetensors"))
-        w_max, w_norm, w_name = worst((n, t, theirs.get_tensor(f"final.{n}")) for n, t in final.items())
-        subject_max, subject_norm = relative(trained[0], theirs.get_tensor("final.ctx_embeddings_cache")[0])
+    for k in (1, 2, 3):
+        with safe_open(str(trace / f"step{k}.safetensors"), "pt") as f:
+            ours = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("grad.")}
+        for name in ("photos", "timesteps", "noise"):
+            assert torch.equal(ours[f"draws.{name}"], torch.from_numpy(ref[f"draws{k}_{name}"])), (k, name)
+        loss_err = abs(float(ours["loss"]) - ref["loss"][k - 1]) / abs(ref["loss"][k - 1])
+        stats = ref[f"grad{k}"]
+        total = float(np.linalg.norm(stats[:, 1]))
+        zero = {n for n, row in zip(names, stats) if row[1] < ZERO_GRADIENT * total}
+        assert zero == ZERO_BY_CONSTRUCTION, zero
+        assert all(row[2] < ZERO_GRADIENT * total for n, row in zip(names, stats) if n in zero)
+        g_norm, g_max, g_name = worst(names, stats, skip=zero)
+        report.append(
+            f"step {k}: loss {float(ours['loss']):.6f} (rel. error {loss_err:.1e}), gradients per tensor norm "
+            f"{g_norm:.1e} / max {g_max:.1e} of the reference (worst: {g_name}), all together "
+            f"{np.linalg.norm(stats[:, 0]) / total:.1e}"
+        )
+        assert loss_err <= 1e-5
+        assert g_norm <= 1e-5, g_name
+    final = ref["final"]
+    w_norm, w_max, w_name = worst(names, final, skip={SUBJECT})
+    row = final[names.index(SUBJECT)]
+    subject_norm = row[0] / row[1]
+    with safe_open(str(trace / "final.safetensors"), "pt") as f:
+        assert torch.equal(trained[0], f.get_tensor(SUBJECT)[0])
     eps_max, eps_norm = relative(ours_eps["eps"], torch.from_numpy(ref["eps"]))
     report.append(
-        f"trained tensors: max {w_max:.1e} / norm {w_norm:.1e} (worst: {w_name}); subject {subject_max:.1e} "
-        f"/ {subject_norm:.1e}; the fine-tuned MODEL's noise prediction {eps_max:.1e} / {eps_norm:.1e}"
+        f"trained UNet per tensor norm {w_norm:.1e} / max {w_max:.1e} (worst: {w_name}); subject {subject_norm:.1e}; "
+        f"the fine-tuned MODEL's noise prediction max {eps_max:.1e} / norm {eps_norm:.1e}"
     )
     print("\nfine-tuning parity with diffusers (relative to the reference):\n  " + "\n  ".join(report))
     assert w_norm <= 1e-5 and subject_norm <= 1e-5 and eps_norm <= 1e-5
-    assert torch.equal(trained[0], final["ctx_embeddings_cache"][0])
+    shutil.rmtree(trace)  # a full UNet's gradients per step: 1.2 GB on a shared disk
 
 
 # --- LAVIS checkpoints ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Runs in the reference venv only (diffusers 0.39.0 + transformers 4.53.3):
 REQUEST.json: {"model": dir, "images": [image files, in the order the pack sees them], "category": "cat",
                "subject": .npy [views, 16, 768] (the zero-shot subject; training starts from the mean of its views),
                "steps": 3, "learning_rate": 5e-6, "batch_size": 3, "weight_decay": 0.01, "seed": 0,
-               "resolution": 64, "tensors": .safetensors to write, "probe": {"z", "t", "context": .npy} or null}
+               "resolution": 64, "ours": the pack's trace folder, "probe": {"z", "t", "context": .npy} or null}
 
 The loop, step by step as LAVIS's BlipDiffusion.forward and its runner: the photos resized bicubically with
 their short side to `resolution` and center-cropped (torchvision's Resize + CenterCrop on PIL images), scaled
@@ -19,8 +19,11 @@ one generator in the order blip_core/finetune.py documents, written out here aga
 
 OUT.npz: loss [steps], draws<k>_photos, draws<k>_timesteps, draws<k>_noise (step k, from 1) and, with a probe,
 eps: the trained UNet's noise prediction on the probe's z, t and context.
-tensors (safetensors): grad<k>.<name> for each step and final.<name> after the last one, by LAVIS's names
-(unet.<diffusers name>, ctx_embeddings_cache).
+Every gradient and trained tensor is compared here with the pack's (its trace folder: step<k>.safetensors holds
+grad.<name>, final.safetensors <name>, by LAVIS's names: unet.<diffusers name>, ctx_embeddings_cache), so that
+no second copy of a UNet's gradients is written per step: names [n] and, per tensor in that order,
+grad<k> and final [n, 5]: ||ours - reference||, ||reference||, ||ours||, max |ours - reference|, max |reference|
+(float64). A tensor one side has and the other lacks is an error.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 SCALE = 0.18215
 
@@ -55,6 +58,22 @@ def crop(path: str, size: int) -> torch.Tensor:
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """LAVIS BaseModel.get_optimizer_params."""
     return param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+
+
+def statistics(named: list[tuple[str, torch.Tensor]], ours_file: Path, prefix: str) -> np.ndarray:
+    """[n, 5] per tensor of `named` against the pack's tensor `prefix` + name in `ours_file` (module docstring)."""
+    rows = []
+    with safe_open(str(ours_file), "pt") as ours:
+        mine = {k[len(prefix) :] for k in ours.keys() if k.startswith(prefix)}
+        theirs = {n for n, _ in named}
+        if mine != theirs:
+            raise ValueError(f"{ours_file.name}: tensors differ: {sorted(mine ^ theirs)[:5]}")
+        for name, reference in named:
+            reference = reference.detach().double()
+            diff = ours.get_tensor(prefix + name).double() - reference
+            stats = (diff.norm(), reference.norm(), (diff + reference).norm(), diff.abs().max(), reference.abs().max())
+            rows.append([float(x) for x in stats])
+    return np.array(rows, dtype=np.float64)
 
 
 def main(request_file: Path, out: Path) -> None:
@@ -84,7 +103,8 @@ def main(request_file: Path, out: Path) -> None:
     ids = tokenizer([caption] * batch, padding="do_not_pad", truncation=True, max_length=77, return_tensors="pt")
     g = torch.Generator("cpu").manual_seed(req["seed"])
 
-    arrays, tensors, losses = {}, {}, []
+    ours = Path(req["ours"])
+    arrays, losses = {"names": np.array([n for n, _ in named])}, []
     unet.train()
     for k in range(1, req["steps"] + 1):
         photos = torch.randint(len(pixels), (batch,), generator=g)
@@ -102,17 +122,16 @@ def main(request_file: Path, out: Path) -> None:
         losses.append(loss.item())
         for name, value in (("photos", photos), ("timesteps", timesteps), ("noise", noise)):
             arrays[f"draws{k}_{name}"] = value.numpy()
-        tensors |= {f"grad{k}.{n}": p.grad.detach().clone() for n, p in named}
+        arrays[f"grad{k}"] = statistics([(n, p.grad) for n, p in named], ours / f"step{k}.safetensors", "grad.")
         optimizer.step()
         optimizer.zero_grad()
-    tensors |= {f"final.{n}": p.detach().clone() for n, p in named}
+    arrays["final"] = statistics(named, ours / "final.safetensors", "")
     arrays["loss"] = np.array(losses)
     probe = req.get("probe")
     if probe:
         with torch.no_grad():
             z, t, context = (torch.from_numpy(np.load(probe[k])) for k in ("z", "t", "context"))
             arrays["eps"] = unet(z, t.long(), context.expand(len(t), -1, -1)).sample.numpy()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, req["tensors"])
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
 
