@@ -44,8 +44,8 @@ from .prompt import fused_tokens
 
 FILE_FORMAT = "blip_diffusion_finetune"
 FILE_VERSION = "1"
-# A training step keeps the UNet's activations for the backward pass: about this many times what ComfyUI
-# reserves for one inference call on the same latents (measured by bench/run.py --only finetune).
+# A training step keeps the UNet's activations for the backward pass: estimated at this many times what ComfyUI
+# reserves for one inference call on the same latents (an estimate: no bench row measures it yet).
 ACTIVATION_FACTOR = 4
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 PREVIEW = 512  # px: the loss curve shown on the node while it trains
