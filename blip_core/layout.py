@@ -28,9 +28,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # read only with torch.load(
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 MODEL_INDEX = "model_index.json"
 CONFIG = "config.json"
-# ComfyUI's model folders (models/<name>) the nodes read: the pack registers the first and the last.
+# ComfyUI's model folders (models/<name>) the nodes read: the pack registers all but controlnet (ComfyUI's own).
 MODELS_FOLDER = "blip_diffusion"
 CONTROLNETS_FOLDER = "controlnet"  # ComfyUI's own
+FINETUNED_FOLDER = "blip_diffusion_finetuned"  # LAVIS fine-tuned checkpoints (checkpoint_N.pth)
 ANNOTATORS_FOLDER = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
 
 

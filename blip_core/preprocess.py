@@ -68,15 +68,16 @@ def _squash(image: Image.Image) -> Image.Image:
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC, reducing_gap=None)
 
 
-def _short_side_crop(image: Image.Image) -> Image.Image:
+def short_side_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """LAVIS's torchvision Resize(size, bicubic) + CenterCrop(size) on a PIL image: the short side to `size`
+    (the long side scaled and truncated as torchvision does), then the centre `size` x `size`."""
     w, h = image.size
     short, long = min(w, h), max(w, h)
-    new_long = int(IMAGE_SIZE * long / short)
-    size = (IMAGE_SIZE, new_long) if w <= h else (new_long, IMAGE_SIZE)
-    image = image.resize(size, Image.BICUBIC)
-    left = int(round((image.size[0] - IMAGE_SIZE) / 2.0))
-    top = int(round((image.size[1] - IMAGE_SIZE) / 2.0))
-    return image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+    new_long = int(size * long / short)
+    image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+    left = int(round((image.size[0] - size) / 2.0))
+    top = int(round((image.size[1] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 def normalize(pixels: np.ndarray) -> torch.Tensor:
@@ -94,7 +95,7 @@ def encoder_view(images: torch.Tensor, mode: str = "squash", mask: torch.Tensor 
     images = to_rgb(images)
     if mask is not None:
         images = whiten_outside(images, mask)
-    resize = _squash if mode == "squash" else _short_side_crop
+    resize = _squash if mode == "squash" else short_side_crop
     return np.stack([np.asarray(resize(Image.fromarray(arr))) for arr in to_uint8(images)])
 
 

@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .finetune import SUBJECT_NAME
+from .lavis_checkpoint import model_dict, subject_tensor
 from .loading import load_pickle
 from .subject import MAX_VIEWS, Subject, check_category, check_embeds
 
@@ -109,21 +111,8 @@ def read_lavis_ctx_cache(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
     data = load_pickle(path)
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]
-    cache = data.get("ctx_embeddings_cache") if isinstance(data, dict) else data
-    if not isinstance(cache, torch.Tensor):
-        raise ValueError(
-            f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
-            "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt"
-        )
-    check_embeds(cache, str(path))
-    if not cache.any():
-        # LAVIS initialises the cache to zeros; only fine-tuning fills it.
-        raise ValueError(
-            f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject"
-        )
-    return cache.float()
+    model = {SUBJECT_NAME: data} if isinstance(data, torch.Tensor) else model_dict(data, path)
+    return subject_tensor(model, path)
 
 
 def subject_from_lavis(path: str | Path, category: str) -> Subject:

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.controlnet
+import comfy.ldm.models.autoencoder
 import comfy.ldm.modules.attention as attention
+import comfy.lora
 import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -67,6 +69,9 @@ ASSIGNING = (
     "comfy.utils:calculate_parameters",
     "comfy.utils:weight_dtype",
 )
+FINETUNE = ("BlipDiffusionFinetune",)
+FINETUNED_LOADER = ("BlipDiffusionLAVISFinetunedLoader",)
+SAVE_FINETUNE = ("BlipDiffusionSaveFinetune",)
 
 
 # --- the checks ------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ REQUIREMENTS = (
     Requirement("comfy.sd:CLIPType.STABLE_DIFFUSION", LOADER),
     Requirement("comfy.sd:VAE", LOADER),
     Requirement("comfy.supported_models:SD15", LOADER),
-    Requirement("comfy.utils:unet_to_diffusers", LOADER + CONTROLNET_LOADER),
+    Requirement("comfy.utils:unet_to_diffusers", LOADER + CONTROLNET_LOADER + FINETUNE + FINETUNED_LOADER),
     Requirement("comfy.controlnet:load_controlnet_state_dict", CONTROLNET_LOADER),
     Requirement("comfy.model_detection:unet_config_from_diffusers_unet", CONTROLNET_LOADER),
     Requirement(
@@ -182,13 +187,17 @@ REQUIREMENTS = (
     Requirement("comfy.sd1_clip:SDClipModel.process_tokens", FUSE),
     Requirement(
         "comfy.model_patcher:ModelPatcher",
-        EDIT,
+        EDIT + FINETUNE + FINETUNED_LOADER + SAVE_FINETUNE,
         _has_methods(
             "clone",
             "set_model_attn1_replace",
             "set_model_attn2_replace",
             "set_model_sampler_post_cfg_function",
             "add_wrapper_with_key",
+            "add_patches",
+            "get_key_patches",
+            "set_attachments",
+            "get_attachment",
         ),
     ),
     Requirement("comfy.ldm.modules.attention:BasicTransformerBlock", EDIT, _attention_replace_convention),
@@ -199,6 +208,15 @@ REQUIREMENTS = (
     Requirement("comfy.samplers:CFGGuider.outer_sample", EDIT, _has_parameters("noise", "latent_image", "sigmas")),
     Requirement("comfy.samplers:CFGGuider.predict_noise", EDIT, _has_parameters("x", "timestep", "model_options")),
     Requirement("comfy.samplers:cfg_function", EDIT, _has_parameters("cond_pred", "uncond_pred", "model_options")),
+    Requirement("comfy.lora:model_lora_keys_unet", FINETUNE + FINETUNED_LOADER),
+    Requirement("comfy.lora:load_lora", FINETUNE + FINETUNED_LOADER, _has_parameters("lora", "to_load", "log_missing")),
+    Requirement("comfy.ldm.models.autoencoder:DiagonalGaussianRegularizer", FINETUNE),
+    Requirement(
+        "comfy.sd1_clip:SD1ClipModel",
+        FINETUNE,
+        _has_methods("encode_token_weights", "reset_clip_options", "set_clip_options"),
+    ),
+    Requirement("comfy.model_base:BaseModel.memory_required", FINETUNE),
     # Optimisations: without them the nodes work, a little slower (or, for ASSIGNING, with more memory).
     *(Requirement(symbol, ()) for symbol in ASSIGNING),
     Requirement("comfy.ldm.modules.attention:wrap_attn", ()),  # honours transformer_options' attention override
@@ -832,3 +850,153 @@ def model_state(model, key: str):
 
 def set_model_state(model, key: str, value) -> None:
     model.model_options.setdefault("transformer_options", {})[key] = value
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------------
+
+FINETUNE_RECORD = (
+    "blip_diffusion_finetune"  # the attachment of a fine-tuned MODEL: what BlipDiffusionSaveFinetune writes
+)
+FINETUNE_TRACE = "blip_diffusion_finetune_trace"  # model option: a folder where a run writes every step (tests)
+throw_if_interrupted = mm.throw_exception_if_processing_interrupted
+free_cache = mm.soft_empty_cache
+
+
+def finetune_problem(model) -> str | None:
+    """Why this MODEL's UNet cannot be fine-tuned as BLIP-Diffusion's, or None: it must be an SD-1.5 UNet
+    (context 768, 4 input channels) predicting the noise on SD-1.5's schedule."""
+    config = model.model.model_config
+    unet = config.unet_config
+    sampling = model.model.model_sampling
+    if not isinstance(config, comfy.supported_models.SD15) or unet.get("context_dim") != 768:
+        return f"ComfyUI reads this UNet as {type(config).__name__}; BLIP-Diffusion needs an SD-1.5 UNet"
+    if unet.get("in_channels", 4) != 4:
+        return f"this UNet takes {unet.get('in_channels')} input channels (an inpainting model?); SD-1.5 takes 4"
+    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return (
+            f"this MODEL samples with {type(sampling).__name__} ({_prediction(sampling)}); the recipe trains the noise"
+        )
+    return None
+
+
+def unet_diffusers_names(model) -> dict[str, str]:
+    """ComfyUI (LDM) UNet tensor name -> its diffusers name, for the MODEL's own UNet config."""
+    return {
+        ldm: diffusers for diffusers, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()
+    }
+
+
+UNET_KEY_PREFIX = "diffusion_model."
+
+
+def unet_weights(model) -> dict[str, torch.Tensor]:
+    """The MODEL's UNet tensors by LDM name as loaded, without its patches (LoRAs applied to it are not in them)."""
+    patches = model.get_key_patches(UNET_KEY_PREFIX)
+    return {key[len(UNET_KEY_PREFIX) :]: entries[0][0] for key, entries in patches.items()}
+
+
+def with_weight_file(model, tensors: dict[str, torch.Tensor], changed: int):
+    """A clone of `model` with a LoRA / weight-difference state dict applied exactly as ComfyUI's stock
+    LoraLoader applies the same file; `changed` UNet tensors must be patched (else an error names the count)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    clone = model.clone()
+    applied = clone.add_patches(patches, 1.0)
+    if len(patches) != changed or len(applied) != changed:
+        raise ValueError(
+            f"the fine-tuned weights reach {len(applied)} of the model's {changed} UNet tensors they change: "
+            "the MODEL's UNet does not have the layout it was trained on"
+        )
+    return clone
+
+
+def set_finetune_record(model, record) -> None:
+    model.set_attachments(FINETUNE_RECORD, record)
+
+
+def finetune_record(model):
+    return model.get_attachment(FINETUNE_RECORD)
+
+
+def finetune_trace_folder(model) -> str | None:
+    return model.model_options.get(FINETUNE_TRACE)
+
+
+class _Unsampled(torch.nn.Module):
+    """Stands in for the VAE's posterior: the encoder's raw moments (mean, log-variance) go out as they are."""
+
+    def forward(self, z: torch.Tensor):
+        return z, None
+
+
+def vae_posterior_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, 8, h, w]: the VAE encoder's mean and log-variance of IMAGE pixels [N,H,W,3], through ComfyUI's own
+    encode (its device, dtype and batching) with the posterior left unsampled."""
+    engine = vae.first_stage_model
+    posterior = getattr(engine, "regularization", None)
+    if not isinstance(posterior, comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer):
+        raise ValueError(
+            "vae: fine-tuning samples latents from the VAE's Gaussian posterior, which this VAE does not have "
+            f"({type(engine).__name__}); use the SD-1.5 VAE of the BLIP-Diffusion model"
+        )
+    engine.regularization = _Unsampled()
+    try:
+        return vae.encode(pixels)
+    finally:
+        engine.regularization = posterior
+
+
+def training_memory(model, latent_shape: tuple[int, ...]) -> int:
+    """ComfyUI's estimate of the UNet's working memory for one call on latents of this shape (inference)."""
+    return int(model.model.memory_required(latent_shape))
+
+
+def load_for_training(model, clip, memory_required: int) -> torch.device:
+    """The MODEL's UNet (its patches applied) and the CLIP loaded whole on ComfyUI's device, after freeing
+    `memory_required` more bytes there; the UNet's device."""
+    mm.load_models_gpu([model, clip.patcher], memory_required=memory_required, force_full_load=True)
+    return model.load_device
+
+
+def unet_module(model) -> torch.nn.Module:
+    return model.model.diffusion_model
+
+
+def unet_compute_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI runs this UNet in (its weights' dtype, or the dtype it casts them to)."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
+def unet_noise_call(model):
+    """f(z_t [B,4,h,w], t [B] integer timesteps, text [B,n,D]) -> the predicted noise (float32): the UNet called
+    as ComfyUI's model calls it, in its dtype and with its transformer options (attention patches apply),
+    but on the VP sample at integer timesteps, as the original trains it."""
+    base = model.model
+    dtype = unet_compute_dtype(model)
+    model_options = {"transformer_options": dict(model.model_options.get("transformer_options", {}))}
+    prefer_pytorch_attention(model_options, model.load_device)  # on this copy: training needs a backward pass
+    options = model_options["transformer_options"]
+
+    def call(z: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        transformer_options = {**options, "cond_or_uncond": [0], "sigmas": base.model_sampling.sigma(t.float())}
+        out = base.diffusion_model(
+            z.to(dtype), t.float(), context=text.to(dtype), transformer_options=transformer_options
+        )
+        return out.float()
+
+    return call
+
+
+def clip_module(clip) -> torch.nn.Module:
+    return clip.cond_stage_model
+
+
+def clip_l_hidden_states(clip, chunks: list[list[tuple]]) -> torch.Tensor:
+    """CLIP-L's output [1, 77 x chunks, D] for token chunks (tensors spliced in), as CLIP.encode_from_tokens
+    computes it (its clip-skip setting included) but without loading the model or running hooks: for training,
+    where gradients flow back into the spliced tensors."""
+    model = clip.cond_stage_model
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    return model.encode_token_weights({"l": chunks})[0]

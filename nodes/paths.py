@@ -9,6 +9,7 @@ from ..blip_core.layout import (
     CONFIG,
     CONTROLNET,
     CONTROLNETS_FOLDER,
+    FINETUNED_FOLDER,
     MODEL_INDEX,
     MODELS_FOLDER,
     QFORMER,
@@ -17,7 +18,7 @@ from ..blip_core.layout import (
 from ..blip_core.messages import quoted
 from . import compat
 
-MODELS, CONTROLNETS, ANNOTATORS = MODELS_FOLDER, CONTROLNETS_FOLDER, ANNOTATORS_FOLDER
+MODELS, CONTROLNETS, ANNOTATORS, FINETUNED = MODELS_FOLDER, CONTROLNETS_FOLDER, ANNOTATORS_FOLDER, FINETUNED_FOLDER
 SUBJECTS = "blip_diffusion_subjects"
 SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
 INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (folder_paths.annotated_filepath)
@@ -26,9 +27,9 @@ MAX_PART = 255
 
 
 def register() -> None:
-    """The pack's model folders (blip_diffusion, blip_diffusion_subjects, annotators) in models/, keeping
-    extra paths from extra_model_paths.yaml."""
-    for kind in (MODELS, SUBJECTS, ANNOTATORS):
+    """The pack's model folders (blip_diffusion, blip_diffusion_subjects, blip_diffusion_finetuned, annotators)
+    in models/, keeping extra paths from extra_model_paths.yaml."""
+    for kind in (MODELS, SUBJECTS, FINETUNED, ANNOTATORS):
         compat.register_model_folder(kind)
 
 
@@ -170,6 +171,18 @@ def output_file(prefix: str, suffix: str) -> tuple[Path, str]:
     if error:
         raise ValueError(error)
     return compat.output_file(prefix, suffix)
+
+
+def output_files(prefix: str, suffixes: tuple[str, ...]) -> tuple[list[Path], str]:
+    """Files `<prefix>_00001_<suffix>`, one per suffix, sharing the next free number, and their subfolder."""
+    first, subfolder = output_file(prefix, suffixes[0])
+    stem = first.name[: -len(suffixes[0])]
+    return [first.with_name(stem + suffix) for suffix in suffixes], subfolder
+
+
+def finetuned_checkpoints() -> list[str]:
+    """Weight files in models/blip_diffusion_finetuned (subfolders included)."""
+    return compat.filenames(FINETUNED)
 
 
 def subject_files() -> list[str]:

@@ -8,7 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NEGATIVE = "over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped"
 # What shrink() edits: the image size inputs of these nodes, and every "steps" input.
-SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
+SIZE_INPUTS = {
+    "EmptyLatentImage": ("width", "height"),
+    "ImageScale": ("width", "height"),
+    "BlipDiffusionFinetune": ("resolution",),
+}
 
 
 class Graph(dict):
@@ -267,6 +271,50 @@ def edit(
         denoise=1.0,
     )
     g.add("SaveImage", "10", images=g.add("VAEDecode", "9", samples=samples, vae=[loader, 2]), filename_prefix=prefix)
+
+
+def finetune(
+    model: str,
+    photos: str,
+    image: str = "blipd_example_cat.jpg",
+    subject: str = "cat",
+    steps: int = 3,
+    trace: str | None = None,
+    **settings,
+) -> Graph:
+    """Loader (1) -> the subject photo (2) -> its zero-shot subject (3, preprocess crop); the training photos, a
+    folder of the input folder (4), optionally through ProbeFinetuneTrace (5) -> BlipDiffusion Fine-tune (6)
+    -> its loss curve previewed (19): 3 steps of the original recipe at 64x64 unless `settings` say otherwise."""
+    g = Graph()
+    loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")[0]
+    photo = g.add("LoadImage", "2", image=image)
+    encoded = g.add(
+        "BlipDiffusionSubjectEncoder", "3", subject_encoder=[loader, 3], image=photo, subject=subject, preprocess="crop"
+    )
+    images = g.add("LoadImageDataSetFromFolder", "4", folder=photos)
+    unet = [loader, 0] if trace is None else g.add("ProbeFinetuneTrace", "5", model=[loader, 0], name=trace)
+    recipe = dict(
+        category="",
+        learning_rate=5e-6,
+        batch_size=3,
+        weight_decay=0.01,
+        train="unet+subject",
+        rank=8,
+        seed=0,
+        resolution=64,
+    )
+    g.add(
+        "BlipDiffusionFinetune",
+        "6",
+        model=unet,
+        clip=[loader, 1],
+        vae=[loader, 2],
+        subject=encoded,
+        images=images,
+        steps=steps,
+        **(recipe | settings),
+    )
+    g.add("PreviewImage", "19", images=["6", 2])
     return g
 
 

@@ -18,6 +18,8 @@ from blip_diffusion_nodes.tools.make_tiny_model import controlnet_config, diffus
 
 def test_this_comfyui_has_every_internal_the_pack_uses():
     assert compat.problems() == {}
+    symbols = [r.symbol for r in compat.REQUIREMENTS]
+    assert len(symbols) == len(set(symbols)), "one Requirement per symbol: problems() is keyed by it"
     assert {n.define_schema().node_id for n in available_nodes()} >= {
         "BlipDiffusionSampler",
         "BlipDiffusionControlNetApply",

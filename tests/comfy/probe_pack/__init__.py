@@ -247,10 +247,123 @@ class ProbeStackConditioning:
         )
 
 
+class ProbeFinetuneTrace:
+    """A MODEL whose fine-tuning (BlipDiffusionFinetune) writes every step's draws, loss and gradients, and the
+    trained tensors, into output/probe/<name>/ (the model option the pack documents for diagnostics)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "trace"})}}
+
+    def patch(self, model, name):
+        model = model.clone()
+        model.model_options["blip_diffusion_finetune_trace"] = os.path.join(
+            folder_paths.get_output_directory(), "probe", name
+        )
+        return (model,)
+
+
+def _alphas_cumprod():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class ProbeUNetNoise:
+    """The UNet's noise prediction on the photos' latents noised at given timesteps, as the original trains it:
+    z_t = sqrt(abar_t) * latent * 0.18215 + sqrt(1 - abar_t) * noise (noise from `seed`), every latent at every
+    timestep, the conditioning cut to its first `tokens` tokens (0: all). Saves z_t, t, noise, context, eps."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "conditioning": ("CONDITIONING",),
+                "latent": ("LATENT",),
+                "tokens": ("INT", {"default": 0, "min": 0, "max": 1000}),
+                "timesteps": ("STRING", {"default": "100,500,900"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                "name": ("STRING", {"default": "unet_noise"}),
+            }
+        }
+
+    def run(self, model, conditioning, latent, tokens, timesteps, seed, name):
+        import comfy.model_management
+
+        steps = [int(t) for t in timesteps.split(",")]
+        x0 = latent["samples"].float() * 0.18215
+        x0 = x0.repeat_interleave(len(steps), dim=0)
+        t = torch.tensor(steps * latent["samples"].shape[0], dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        abar = _alphas_cumprod()[t].view(-1, 1, 1, 1)
+        z = abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+        context = conditioning[0][0][:, : tokens or None].float()
+        comfy.model_management.load_models_gpu([model])
+        base = model.model
+        dtype = base.get_dtype()
+        device = model.load_device
+        eps = base.diffusion_model(
+            z.to(device, dtype),
+            t.float().to(device),
+            context=context.expand(len(t), -1, -1).to(device, dtype),
+            transformer_options={},
+        )
+        _save(name, {"z": z, "t": t.float(), "noise": noise, "context": context, "eps": eps})
+        return {"ui": {"probe": [name]}}
+
+
+class ProbeOutOfMemory:
+    """A MODEL whose every self-attention raises torch's out-of-memory error, as a GPU that runs out would."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        def fail(q, k, v, extra_options):
+            raise torch.OutOfMemoryError("probe: CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        model = model.clone()
+        model.set_model_attn1_patch(fail)
+        return (model,)
+
+
+class ProbeEmptyImage:
+    """An IMAGE batch of zero images, which no stock node makes."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def make(self):
+        return (torch.zeros(0, 64, 64, 3),)
+
+
 NODE_CLASS_MAPPINGS = {
     "ProbeStackConditioning": ProbeStackConditioning,
     "ProbeFileNoise": ProbeFileNoise,
     "ProbeEditMaps": ProbeEditMaps,
+    "ProbeFinetuneTrace": ProbeFinetuneTrace,
+    "ProbeUNetNoise": ProbeUNetNoise,
+    "ProbeOutOfMemory": ProbeOutOfMemory,
+    "ProbeEmptyImage": ProbeEmptyImage,
     "ProbeSaveTensors": ProbeSaveTensors,
     "ProbeControlResiduals": ProbeControlResiduals,
     "ProbeSaveControlNet": ProbeSaveControlNet,
