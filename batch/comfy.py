@@ -224,10 +224,12 @@ class ComfyClient:
         self.request("POST", "/history", {"delete": [prompt_id]})
 
     def wait(self, prompt_id: str, timeout: float, alive: Callable[[], bool] = lambda: True,
-             poll: float = 0.05) -> dict:
+             poll: float = 0.05, max_poll: float = 0.2) -> dict:
         """The history entry once the prompt finished (success or error).
 
-        Raises ComfyUnreachable when `alive()` turns false, the server stops answering, or `timeout` passes.
+        Polls /history every `poll` s, backing off to `max_poll`: each poll takes the server's event loop
+        and the GIL from the prompt it is running. Raises ComfyUnreachable when `alive()` turns false, the
+        server stops answering, or `timeout` passes.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -239,6 +241,7 @@ class ComfyClient:
             if time.monotonic() > deadline:
                 raise ComfyUnreachable(f"prompt {prompt_id} not finished after {timeout:g} s")
             time.sleep(poll)
+            poll = min(max_poll, poll * 1.5)
 
     def upload_image(self, data: bytes, name: str, subfolder: str = "") -> str:
         """Upload into the input folder (overwriting); returns the value a LoadImage `image` input takes."""
