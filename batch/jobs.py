@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import io
 import json
 import re
 import string
@@ -246,7 +247,7 @@ def read_manifest(path: str | Path) -> tuple[list[str] | None, list[Row]]:
         raise BatchError(f"manifest {path}: {e}") from e
     rows: list[Row] = []
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines(), restkey=EXTRA)
+        reader = csv.DictReader(io.StringIO(text, newline=""), restkey=EXTRA)  # quoted cells may hold newlines
         header = list(reader.fieldnames or [])
         if not header:
             raise BatchError(f"manifest {path}: no header row")

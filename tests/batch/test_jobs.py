@@ -112,6 +112,12 @@ def test_csv_header_with_an_unknown_column_stops_everything(workflow, tmp_path):
         plan(workflow, tmp_path, "m.csv", "image,category,prompt,seed,colour\ncat.jpg,cat,p,1,red\n")
 
 
+def test_csv_quoted_cells_keep_commas_and_newlines(workflow, tmp_path):
+    jobs, failures = plan(workflow, tmp_path, "m.csv", '4.prompt,7.seed\n"on a beach, at dusk\nwide shot",1\n',
+                          mapping={})
+    assert not failures and jobs[0].prompt["4"]["inputs"]["prompt"] == "on a beach, at dusk\nwide shot"
+
+
 def test_csv_row_longer_than_the_header(workflow, tmp_path):
     shutil.copy(CAT, tmp_path / "cat.jpg")
     _, failures = plan(workflow, tmp_path, "m.csv", "image,category,prompt,seed\ncat.jpg,cat,p,1,extra\n")
