@@ -85,6 +85,10 @@ class ComfyWorker:
         self.server_lock = threading.Lock()  # one thread (re)starts the server; the other waits for it
         self.upload_lock = threading.Lock()  # the same file is never uploaded by both threads at once
         self.uploaded: dict[str, str] = {}  # image sha256 -> the LoadImage value on this server
+        # ComfyUI runs prompts in the order they were queued, so only the oldest job here needs to poll
+        # /history: the other waits for its turn (tickets are taken in queueing order).
+        self.turns = threading.Condition()
+        self.next_ticket = self.serving = 0
         self.starts = 0
         self.broken: str | None = None
 
@@ -145,14 +149,18 @@ class ComfyWorker:
                 prompt[image["node_id"]]["inputs"][image["input"]] = self._upload(client, image)
             uploaded = time.monotonic()
             posted_at = time.time()
-            status, body = client.submit(prompt)
+            with self.turns:  # queueing and taking a ticket happen together, so tickets follow the queue
+                status, body = client.submit(prompt)
+                ticket = self.next_ticket
+                if status == 200:
+                    self.next_ticket += 1
             if status == 400:
                 return {"status": "invalid", "worker": self.info(),
                         "error": "ComfyUI refused the prompt: " + describe_rejection(body, prompt, job["columns"])}
             if status != 200:
                 raise ComfyUnreachable(f"POST /prompt: HTTP {status}: {str(body)[:300]}")
             prompt_id = body["prompt_id"]
-            entry = client.wait(prompt_id, self.settings.job_timeout, alive=self.process.alive)
+            entry = self._wait_in_turn(client, prompt_id, ticket)
             finished = time.monotonic()
             timings = {"upload_s": uploaded - started, "execute_s": execution_seconds(entry)}
             start_stamp = next((d.get("timestamp") for k, d in entry["status"].get("messages", [])
@@ -180,6 +188,16 @@ class ComfyWorker:
         timings.update(fetch_s=time.monotonic() - finished, job_s=time.monotonic() - started)
         return {"status": "done", "images": images, "timings": timings, "prompt_id": prompt_id,
                 "worker": self.info()}
+
+    def _wait_in_turn(self, client, prompt_id: str, ticket: int) -> dict:
+        with self.turns:
+            self.turns.wait_for(lambda: self.serving == ticket)
+        try:
+            return client.wait(prompt_id, self.settings.job_timeout, alive=self.process.alive, max_poll=0.5)
+        finally:
+            with self.turns:
+                self.serving = ticket + 1
+                self.turns.notify_all()
 
     def _lost(self, reason: str, generation: int) -> dict:
         code = None
