@@ -9,6 +9,7 @@ folder.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import sys
@@ -130,6 +131,8 @@ def plan(opts: Options) -> tuple[dict, list[Job], list[Failure]]:
 
 def _start_ray(opts: Options) -> bool:
     """Connect to the cluster at --address / $RAY_ADDRESS, else start Ray on this machine. True if we started it."""
+    if importlib.util.find_spec("ray") is None:
+        raise BatchError("the batch runner needs Ray in this Python: pip install ray")
     if opts.address or os.environ.get("RAY_ADDRESS"):
         import ray
         ray.init(address=opts.address, logging_level="warning")
