@@ -31,6 +31,7 @@ def batch_inputs(tmp_path_factory, tiny_model) -> Path:
     folder = tmp_path_factory.mktemp("batch_inputs")
     graph = zero_shot(tiny_model, size=64, steps=2, prefix="batch")
     graph["2"]["_meta"] = {"title": "Subject photo"}
+    graph["4"]["inputs"]["image_weights"] = ""  # as the example workflows have it: a manifest may set it
     (folder / "workflow.json").write_text(json.dumps(graph, indent=1))
     (folder / "mapping.json").write_text(json.dumps(MAPPING))
     for name, path in SUBJECTS.items():

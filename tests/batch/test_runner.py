@@ -154,13 +154,14 @@ def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, com
             {**good[1], "colour": "red"},
             good[1],
             {**good[2], "seed": "abc"},
-            good[2]]
+            good[2],
+            {**good[2], "seed": "9", "4.image_weights": "1, 2"}]  # NODE.INPUT as a name; fails while running
     manifest = batch_inputs / "bad_rows.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_runner(runner_command(batch_inputs, manifest, tmp_path / "out", comfy_base, 1))
     assert result.returncode == 1, result.stderr
     summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
-    assert (summary["done"], summary["failed"]) == (3, 4)
+    assert (summary["done"], summary["failed"]) == (3, 5)
     errors = {f["row"]: f["error"] for f in summary["failures"]}
     assert errors[2].startswith("row 2: column 'image' (2.image): no image file ")
     assert errors[2].endswith("no_such_photo.jpg")
@@ -169,9 +170,13 @@ def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, com
     assert "the category is empty" in errors[3]
     assert errors[4].startswith("row 4: unknown column 'colour'")
     assert errors[6] == "row 6: column 'seed' (7.seed): 'abc' is not a whole number"
+    assert errors[8] == ("row 8: node 4 (BlipDiffusionMultimodalPromptFuse) raised ValueError: image_weights: "
+                         "expected 1 weights (one per subject image), got 2: '1, 2'")
     for message in errors.values():
         assert f"failed: {message}" in result.stderr
-    assert sorted(r["row"] for r in journal(tmp_path / "out") if r["status"] == "failed") == [2, 3, 4, 6]
+    assert "retrying" not in result.stderr  # the job's own errors are not retried
+    assert sorted(r["row"] for r in journal(tmp_path / "out") if r["status"] == "failed") == [2, 3, 4, 6, 8]
+    assert summary["workers"][0]["failed"] == 2  # the two ComfyUI saw: rows 3 and 8
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert sorted(json.loads(p.with_suffix(".json").read_text())["row"] for p in pngs) == [1, 5, 7]
 
