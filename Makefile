@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt
 REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt
 
-.PHONY: setup demo batch-demo test fixtures workflows ui-deps bench
+.PHONY: setup demo batch-demo test fixtures workflows ui-deps bench bench-batch
 
 setup: $(VENV)/.ready
 
@@ -60,3 +60,7 @@ workflows: $(VENV)/.ready
 # The pack against the real reference on full-size random weights (CPU here; --device cuda on a GPU).
 bench: $(VENV)/.ready $(REFVENV)/.ready
 	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) bench/run.py $(BENCH_ARGS)
+
+# The batch runner with 1 and 2 workers against a client posting the same jobs to one server (tiny model, CPU).
+bench-batch: $(VENV)/.ready
+	$(PY) bench/batch.py $(BENCH_BATCH_ARGS)

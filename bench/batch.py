@@ -7,7 +7,9 @@ manifest (two subject photos, two prompts, a seed per row) is rendered three way
 so all three see the same machine load:
 
 - by hand: one ComfyUI server; for each job, upload its photo, post its prompt, poll /history,
-  download the image and write it: one job after another, as a script posting to one server does;
+  download the image and write it: one job after another, as a script posting to one server does.
+  It runs at niceness 15, as the runner's servers do (Ray starts its workers at niceness 15 and a
+  worker's ComfyUI inherits it): on a machine shared with other work, priority changes throughput;
 - the runner (its command line, real Ray) with --workers 1, then --workers 2.
 
 Every server has --threads torch threads (default 1: on a shared 2-core machine two threads per
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -47,6 +50,7 @@ from blip_diffusion_nodes.tools.workflows import shrink
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_batch"
 MAPPING = {"image": "Subject photo.image", "category": "3.subject", "prompt": "4.prompt", "seed": "7.seed"}
+RAY_WORKER_NICENESS = 15  # Ray's default for its worker processes (config worker_niceness)
 
 
 def prepare(jobs: int, size: int, steps: int) -> tuple[Path, Path, Path]:
@@ -190,7 +194,9 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix="bench_batch_out_"))
             try:
                 if name.startswith("by hand"):
-                    r = by_hand(base, workflow, manifest, args.threads, out)
+                    with multiprocessing.get_context("spawn").Pool(
+                            1, initializer=os.nice, initargs=(RAY_WORKER_NICENESS,)) as pool:
+                        r = pool.apply(by_hand, (base, workflow, manifest, args.threads, out))
                 else:
                     r = runner(base, workflow, manifest, args.threads, int(name.split(", ")[1][0]), out)
             finally:
