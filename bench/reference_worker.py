@@ -20,10 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "reference"))
-
-from run_pipeline import load_pipelines  # noqa: E402
+from blip_diffusion_nodes.tools.reference.run_pipeline import load_pipelines
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEGATIVE = "lowres, blurry, worst quality"
@@ -38,8 +35,11 @@ def bench_images(batch: int, size: int = 512) -> list[np.ndarray]:
 def control_image(size: int) -> np.ndarray:
     """A blocky edge-like control image, the same on both sides."""
     rng = np.random.default_rng(1)
-    return np.repeat(np.repeat(rng.integers(0, 2, (size // 16, size // 16, 1)) * 255, 16, 0), 16, 1).repeat(3, 2)\
+    return (
+        np.repeat(np.repeat(rng.integers(0, 2, (size // 16, size // 16, 1)) * 255, 16, 0), 16, 1)
+        .repeat(3, 2)
         .astype(np.uint8)
+    )
 
 
 def peak_rss() -> int:
@@ -76,8 +76,9 @@ class Reference:
         pipe, images = self.plain, [Image.fromarray(a) for a in bench_images(batch)]
 
         def run():
-            pixels = pipe.image_processor.preprocess(images, image_mean=pipe.config.mean, image_std=pipe.config.std,
-                                                     return_tensors="pt")["pixel_values"].to(self.device, pipe.qformer.dtype)
+            pixels = pipe.image_processor.preprocess(
+                images, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt"
+            )["pixel_values"].to(self.device, pipe.qformer.dtype)
             pipe.get_query_embeddings(pixels, ["dog"] * batch)
 
         return self._timed(run)
@@ -86,10 +87,16 @@ class Reference:
         """The prompt with the subject spliced in: the pipeline's encode_prompt (one text-encoder call)."""
         pipe = self.plain
         if not hasattr(self, "query"):
-            pixels = pipe.image_processor.preprocess([Image.fromarray(bench_images(1)[0])], return_tensors="pt",
-                                                     image_mean=pipe.config.mean, image_std=pipe.config.std)
+            pixels = pipe.image_processor.preprocess(
+                [Image.fromarray(bench_images(1)[0])],
+                return_tensors="pt",
+                image_mean=pipe.config.mean,
+                image_std=pipe.config.std,
+            )
             with torch.no_grad():
-                self.query = pipe.get_query_embeddings(pixels["pixel_values"].to(self.device, pipe.qformer.dtype), ["dog"])
+                self.query = pipe.get_query_embeddings(
+                    pixels["pixel_values"].to(self.device, pipe.qformer.dtype), ["dog"]
+                )
         text = pipe._build_prompt([prompt], ["dog"])
         return self._timed(lambda: pipe.encode_prompt(self.query, text, self.device))
 
@@ -101,8 +108,53 @@ class Reference:
             pipe = self.controlled
             args.append(Image.fromarray(control_image(size)))
         generator = torch.Generator("cpu").manual_seed(seed)
-        return self._timed(lambda: pipe(*args, "dog", "dog", guidance_scale=7.5, height=size, width=size,
-                                        num_inference_steps=steps, neg_prompt=NEGATIVE, generator=generator))
+        return self._timed(
+            lambda: pipe(
+                *args,
+                "dog",
+                "dog",
+                guidance_scale=7.5,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                neg_prompt=NEGATIVE,
+                generator=generator,
+            )
+        )
+
+    def invert(self, size: int, steps: int) -> dict:
+        """DDIM inversion at guidance 1, as LAVIS's _ddim_inverse: the prompt's encoding and the loop with
+        DDIMInverseScheduler (the photo's VAE latent is made once, outside the timing, as it is cached on the pack's
+        side)."""
+        from diffusers import DDIMInverseScheduler
+
+        pipe = self.plain
+        if getattr(self, "photo_size", None) != size:
+            photo = Image.fromarray(bench_images(1)[0]).resize((size, size), Image.BICUBIC)
+            pixels = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+            with torch.no_grad():
+                latent = pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)).latent_dist.mode()
+            self.photo_latent, self.photo_size = latent * pipe.vae.config.scaling_factor, size
+
+        def run():
+            ids = pipe.tokenizer(
+                "a dog on the grass", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            cond = pipe.text_encoder(input_ids=ids)[0]
+            scheduler = DDIMInverseScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            )
+            scheduler.set_timesteps(steps)
+            z = self.photo_latent
+            for t in scheduler.timesteps:
+                z = scheduler.step(pipe.unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
+
+        return self._timed(run)
 
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}

@@ -1,6 +1,6 @@
 """`make bench`: the pack against the real diffusers reference, same machine, same weights, one run.
 
-    python bench/run.py [--device cpu|cuda] [--repeats 3] [--size N] [--steps N] [--skip-generate]
+    python bench/run.py [--device cpu|cuda] [--repeats 3] [--size N] [--steps N] [--only encode,invert,...]
 
 Random full-size weights in the released layout (with a ControlNet) are generated once into
 .cache/bench/. The pack runs as users run it: the example graph in a real ComfyUI server
@@ -23,18 +23,17 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "bench")]
+from blip_diffusion_nodes.bench.reference_worker import NEGATIVE, bench_images, control_image
+from blip_diffusion_nodes.tests.graphs import Graph, probe
+from blip_diffusion_nodes.tools.comfy_server import ComfyServer, prepare_base
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
-from comfy_server import ComfyServer, prepare_base  # noqa: E402
-from make_tiny_model import make_model  # noqa: E402
-from reference_worker import NEGATIVE, bench_images, control_image  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = ROOT / ".cache" / "bench"
 MODEL = "blipdiffusion-full"
@@ -60,8 +59,12 @@ def peak_rss(pid: int) -> int:
 class ReferenceWorker:
     def __init__(self):
         python = os.environ.get("REFERENCE_PYTHON", str(ROOT / ".refvenv" / "bin" / "python"))
-        self.proc = subprocess.Popen([python, str(ROOT / "bench" / "reference_worker.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [python, str(ROOT / "bench" / "reference_worker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def __call__(self, op: str, **kwargs) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
@@ -92,73 +95,125 @@ class Pack:
         before = sum(self.server.cpu_times()[:2])
         entry = self.comfy.run_ok(prompt, timeout=7200)
         stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"]}
-        return (stamps["execution_success"] - stamps["execution_start"]) / 1000, sum(self.server.cpu_times()[:2]) - before
+        return (stamps["execution_success"] - stamps["execution_start"]) / 1000, sum(
+            self.server.cpu_times()[:2]
+        ) - before
 
-    def graph(self, batch: int = 1, encoder_dtype: str = "auto") -> dict:
-        """Loader -> subject -> fused prompt; `batch` copies of the subject photo."""
+    def graph(self, batch: int = 1, encoder_dtype: str = "auto") -> Graph:
+        """Loader (1) -> subject (4) -> fused prompt (5); `batch` copies of the subject photo."""
         n = next(self.variant)
-        image = ["2", 0] if batch == 1 else ["3", 0]
-        encoder = ["1", 3] if encoder_dtype == "auto" else ["15", 0]
-        return {
-            "15": {"class_type": "BlipDiffusionSubjectEncoderLoader",
-                   "inputs": {"model_name": MODEL, "weight_dtype": encoder_dtype}},
-            "1": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": MODEL, "weight_dtype": "auto"}},
-            "2": {"class_type": "LoadImage", "inputs": {"image": "bench_subject.png"}},
-            "3": {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": batch}},
-            "4": {"class_type": "BlipDiffusionSubjectEncoder",
-                  "inputs": {"subject_encoder": encoder, "image": image, "subject": "dog" + " " * n,
-                             "preprocess": "squash"}},
-            "5": {"class_type": "BlipDiffusionMultimodalPromptFuse",
-                  "inputs": {"clip": ["1", 1], "subject": ["4", 0], "prompt": "swimming underwater" + " " * n,
-                             "target_subject": "dog", "prompt_strength": 1.0, "prompt_reps": 20,
-                             "multi_image": "average", "image_weights": ""}},
-        }
+        g = Graph()
+        loader = g.add("BlipDiffusionLoader", "1", model_name=MODEL, weight_dtype="auto")[0]
+        image = g.add("LoadImage", "2", image="bench_subject.png")
+        if batch > 1:
+            image = g.add("RepeatImageBatch", "3", image=image, amount=batch)
+        encoder = [loader, 3]
+        if encoder_dtype != "auto":
+            encoder = g.add("BlipDiffusionSubjectEncoderLoader", "15", model_name=MODEL, weight_dtype=encoder_dtype)
+        subject = g.add(
+            "BlipDiffusionSubjectEncoder",
+            "4",
+            subject_encoder=encoder,
+            image=image,
+            subject="dog" + " " * n,
+            preprocess="squash",
+        )
+        g.add(
+            "BlipDiffusionMultimodalPromptFuse",
+            "5",
+            clip=[loader, 1],
+            subject=subject,
+            prompt="swimming underwater" + " " * n,
+            target_subject="dog",
+            prompt_strength=1.0,
+            prompt_reps=20,
+            multi_image="average",
+            image_weights="",
+        )
+        return g
 
     def load(self) -> float:
         """The loader node (UNet, CLIP, VAE through ComfyUI's loaders, and the subject encoder)."""
-        graph = self.graph()
-        graph = {"1": graph["1"],
-                 "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-                 "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-                 "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}}
-        return self.seconds(graph)
+        g = Graph({"1": self.graph()["1"]})
+        decoded = g.add(
+            "VAEDecode", "7", samples=g.add("EmptyLatentImage", "6", width=64, height=64, batch_size=1), vae=["1", 2]
+        )
+        g.add("PreviewImage", "8", images=decoded)
+        return self.seconds(g)
 
     def encode(self, batch: int, encoder_dtype: str = "auto") -> float:
-        graph = self.graph(batch, encoder_dtype)
-        del graph["5"]
-        graph["9"] = {"class_type": "ProbeSaveTensors", "inputs": {"name": "bench_subject", "subject": ["4", 0]}}
-        return self.seconds(graph)
+        g = self.graph(batch, encoder_dtype)
+        del g["5"]
+        return self.seconds(probe(g, "9", "bench_subject", subject=["4", 0]))
 
     def conditioning(self) -> float:
-        graph = self.graph()
-        graph["4"]["inputs"]["subject"] = "dog"  # cached: only the fuse runs
-        graph["9"] = {"class_type": "ProbeSaveTensors", "inputs": {"name": "bench_cond", "conditioning": ["5", 0]}}
-        return self.seconds(graph)
+        g = self.graph()
+        g["4"]["inputs"]["subject"] = "dog"  # cached: only the fuse runs
+        return self.seconds(probe(g, "9", "bench_cond", conditioning=["5", 0]))
+
+    def invert(self) -> float:
+        """DDIM inversion of the photo at the bench size (the photo's VAE latent is cached after the warm-up;
+        the prompt varies, so its encoding counts, as on the reference side)."""
+        n = next(self.variant)
+        g = Graph()
+        loader = g.add("BlipDiffusionLoader", "1", model_name=MODEL, weight_dtype="auto")[0]
+        photo = g.add(
+            "ImageScale",
+            "3",
+            image=g.add("LoadImage", "2", image="bench_subject.png"),
+            upscale_method="bicubic",
+            width=self.size,
+            height=self.size,
+            crop="center",
+        )
+        prompt = g.add("CLIPTextEncode", "5", clip=[loader, 1], text="a dog on the grass" + " " * n)
+        inverted = g.add(
+            "BlipDiffusionDDIMInversion",
+            "6",
+            model=[loader, 0],
+            positive=prompt,
+            latent=g.add("VAEEncode", "4", pixels=photo, vae=[loader, 2]),
+            steps=self.steps,
+            cfg=1.0,
+        )
+        return self.seconds(probe(g, "7", "bench_inverted", latent=inverted))
 
     def generate(self, controlnet: bool) -> float:
-        graph = self.graph()
+        g = self.graph()
         n = next(self.variant)
         positive = ["5", 0]
+        negative = g.add("CLIPTextEncode", "6", clip=["1", 1], text=NEGATIVE + " " * n)
         if controlnet:
-            graph["10"] = {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": MODEL}}
-            graph["11"] = {"class_type": "LoadImage", "inputs": {"image": "bench_control.png"}}
-            graph["12"] = {"class_type": "BlipDiffusionControlNetApply",
-                           "inputs": {"positive": ["5", 0], "negative": ["6", 0], "control_net": ["10", 0],
-                                      "image": ["11", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
-            positive, negative = ["12", 0], ["12", 1]
-        else:
-            negative = ["6", 0]
-        graph.update({
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE + " " * n}},
-            "7": {"class_type": "EmptyLatentImage", "inputs": {"width": self.size, "height": self.size, "batch_size": 1}},
-            "8": {"class_type": "BlipDiffusionSampler",
-                  "inputs": {"model": ["1", 0], "positive": positive, "negative": negative, "latent_image": ["7", 0],
-                             "seed": n, "steps": self.steps, "cfg": 7.5, "sampler_name": "pndm",
-                             "scheduler": "reference", "denoise": 1.0}},
-            "13": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
-            "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "bench"}},
-        })
-        return self.seconds(graph)
+            apply = g.add(
+                "BlipDiffusionControlNetApply",
+                "12",
+                positive=positive,
+                negative=negative,
+                control_net=g.add("BlipDiffusionControlNetLoader", "10", model_name=MODEL),
+                image=g.add("LoadImage", "11", image="bench_control.png"),
+                strength=1.0,
+                start_percent=0.0,
+                end_percent=1.0,
+            )[0]
+            positive, negative = [apply, 0], [apply, 1]
+        samples = g.add(
+            "BlipDiffusionSampler",
+            "8",
+            model=["1", 0],
+            positive=positive,
+            negative=negative,
+            latent_image=g.add("EmptyLatentImage", "7", width=self.size, height=self.size, batch_size=1),
+            seed=n,
+            steps=self.steps,
+            cfg=7.5,
+            sampler_name="pndm",
+            scheduler="reference",
+            denoise=1.0,
+        )
+        g.add(
+            "SaveImage", "14", images=g.add("VAEDecode", "13", samples=samples, vae=["1", 2]), filename_prefix="bench"
+        )
+        return self.seconds(g)
 
 
 def measure(repeats: int, pack_fn, ref_fn) -> tuple[list, list]:
@@ -182,8 +237,13 @@ def row(name: str, pack: list, ref: list) -> str:
     spread = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"  # noqa: E731
     paired = statistics.median(p[0] / r[0] for p, r in zip(pack, ref))
     cpu = statistics.median(p[1] / r[1] for p, r in zip(pack, ref))
-    return (f"| {name} | {statistics.median(wall(pack)):.2f} ({spread(wall(pack))}) | "
-            f"{statistics.median(wall(ref)):.2f} ({spread(wall(ref))}) | {paired:.2f} | {cpu:.2f} |")
+    return (
+        f"| {name} | {statistics.median(wall(pack)):.2f} ({spread(wall(pack))}) | "
+        f"{statistics.median(wall(ref)):.2f} ({spread(wall(ref))}) | {paired:.2f} | {cpu:.2f} |"
+    )
+
+
+MEASUREMENTS = ("encode", "conditioning", "generate", "controlnet", "invert", "fp32")
 
 
 def main() -> None:
@@ -192,9 +252,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--skip-generate", action="store_true", help="only loading, subject encoding, conditioning")
+    parser.add_argument(
+        "--only",
+        default=",".join(MEASUREMENTS),
+        help=f"comma-separated measurements to run, of {', '.join(MEASUREMENTS)} (the model load, "
+        "and peak memory, always)",
+    )
     parser.add_argument("--server-args", default="", help="extra ComfyUI flags, e.g. --use-pytorch-cross-attention")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(MEASUREMENTS):
+        parser.error(f"--only: unknown measurements {sorted(only - set(MEASUREMENTS))}; choose from {MEASUREMENTS}")
     gpu = args.device == "cuda"
     size, steps = args.size or (512 if gpu else 256), args.steps or (25 if gpu else 10)
     model = full_model()
@@ -210,36 +278,71 @@ def main() -> None:
             start = time.perf_counter()
             ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")["seconds"]
             rows.append(f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load:.2f} | - | - |")
-            for batch in (1, 4):
-                rows.append(row(f"subject encoding, batch {batch}", *measure(
-                    args.repeats, lambda: pack.encode(batch), lambda: reference(ref("encode", batch=batch)))))
-            rows.append(row("conditioning (prompt with the subject)", *measure(
-                args.repeats, pack.conditioning, lambda: reference(ref("conditioning", prompt="swimming underwater")))))
-            if not args.skip_generate:
-                seeds = itertools.count()
-                for controlnet in (False, True):
-                    name = f"generation {size}x{size}, {steps} steps, CFG 7.5" + (", ControlNet" if controlnet else "")
-                    pack_times, ref_times = measure(args.repeats, lambda: pack.generate(controlnet), lambda: reference(ref(
-                        "generate", size=size, steps=steps, controlnet=controlnet, seed=next(seeds))))
-                    rows.append(row(name, pack_times, ref_times))
-                    if gpu:
-                        rows.append(f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
-                                    f"{steps / statistics.median(t[0] for t in pack_times):.1f} | "
-                                    f"{steps / statistics.median(t[0] for t in ref_times):.1f} | - | - |")
+
+            def measured(name: str, pack_fn, ref_op: str, **ref_args) -> tuple[list, list]:
+                times = measure(args.repeats, pack_fn, lambda: reference(ref(ref_op, **ref_args)))
+                rows.append(row(name, *times))
+                return times
+
+            if "encode" in only:
+                for batch in (1, 4):
+                    measured(f"subject encoding, batch {batch}", lambda b=batch: pack.encode(b), "encode", batch=batch)
+            if "conditioning" in only:
+                measured(
+                    "conditioning (prompt with the subject)",
+                    pack.conditioning,
+                    "conditioning",
+                    prompt="swimming underwater",
+                )
+            seeds = itertools.count()
+            for controlnet in (False, True):
+                if ("controlnet" if controlnet else "generate") not in only:
+                    continue
+                name = f"generation {size}x{size}, {steps} steps, CFG 7.5" + (", ControlNet" if controlnet else "")
+                pack_times = measure(
+                    args.repeats,
+                    lambda c=controlnet: pack.generate(c),
+                    lambda c=controlnet: reference(
+                        ref("generate", size=size, steps=steps, controlnet=c, seed=next(seeds))
+                    ),
+                )
+                rows.append(row(name, *pack_times))
+                if gpu:
+                    rows.append(
+                        f"| it/s ({'with' if controlnet else 'no'} ControlNet) | "
+                        f"{steps / statistics.median(t[0] for t in pack_times[0]):.1f} | "
+                        f"{steps / statistics.median(t[0] for t in pack_times[1]):.1f} | - | - |"
+                    )
+            if "invert" in only:
+                measured(
+                    f"DDIM inversion {size}x{size}, {steps} steps, guidance 1",
+                    pack.invert,
+                    "invert",
+                    size=size,
+                    steps=steps,
+                )
             pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
-            rows.append(f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |")
-            if not gpu:  # the pack's CPU default is bfloat16 where the CPU has it: the same-precision row too
-                # (last: a second subject encoder in the server would count in its peak memory above)
-                rows.append(row("subject encoding, batch 1, pack forced to fp32", *measure(
-                    args.repeats, lambda: pack.encode(1, "fp32"), lambda: reference(ref("encode", batch=1)))))
+            rows.append(
+                f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |"
+            )
+            # The pack's CPU default is bfloat16 where the CPU has it: the same-precision row too (last: a second
+            # subject encoder in the server would count in its peak memory above).
+            if not gpu and "fp32" in only:
+                measured(
+                    "subject encoding, batch 1, pack forced to fp32", lambda: pack.encode(1, "fp32"), "encode", batch=1
+                )
     finally:
         ref.close()
     precision = "fp16" if gpu else "reference fp32; pack: ComfyUI's CPU defaults, subject encoder weight_dtype auto"
-    print(f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
-          f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
-          f"seconds: median (min-max) of {args.repeats} after a warm-up\n")
-    print("| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
-          "|---|---|---|---|---|")
+    print(
+        f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
+        f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
+        f"seconds: median (min-max) of {args.repeats} after a warm-up\n"
+    )
+    print(
+        "| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
+        "|---|---|---|---|---|"
+    )
     print("\n".join(rows))
 
 

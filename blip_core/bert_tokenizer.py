@@ -17,6 +17,7 @@ VOCAB_FILE = Path(__file__).parent / "assets" / "bert-base-uncased-vocab.txt"
 @lru_cache(maxsize=1)
 def _tokenizer():
     from tokenizers import BertWordPieceTokenizer
+
     return BertWordPieceTokenizer(str(VOCAB_FILE), lowercase=True)
 
 

@@ -23,8 +23,10 @@ def resize_control_image(images: torch.Tensor, height: int, width: int) -> torch
     images = to_rgb(images)
     if tuple(images.shape[1:3]) == (height, width):
         return images
-    resized = [np.asarray(Image.fromarray(arr).resize((width, height), Image.BICUBIC, reducing_gap=None))
-               for arr in to_uint8(images)]
+    resized = [
+        np.asarray(Image.fromarray(arr).resize((width, height), Image.BICUBIC, reducing_gap=None))
+        for arr in to_uint8(images)
+    ]
     # transformers rescales in float64 and casts to float32
     pixels = (np.stack(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
     return torch.from_numpy(pixels).to(images.device)

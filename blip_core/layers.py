@@ -37,7 +37,9 @@ def norm_layer(operations, dim: int, eps: float, device=None) -> nn.Module:
     return operations.LayerNorm(dim, eps=eps, device=device, dtype=torch.float32)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention on [B, L, heads*d] tensors."""
     b, lq, dim = q.shape
     d = dim // heads

@@ -15,17 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
-
-
-def find_weights(folder: str | Path, names: tuple[str, ...]) -> Path:
-    """The first of `names` that exists in `folder`, else a FileNotFoundError naming them all."""
-    folder = Path(folder)
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(names)}")
+from .layout import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -36,6 +26,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
+
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
@@ -57,9 +48,11 @@ def load_pickle(path: str | Path):
         # with a file that may run code; say what was found and what to use instead.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f": it would import or call {found.group(1)}" if found else ""
-        raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint (torch.load weights_only=True "
-                         f"rejected it{what}). Weights files hold only tensors; this one may run code when "
-                         "unpickled. Use a .safetensors file or the original download.") from None
+        raise ValueError(
+            f"refused to load {path}: it is not a plain tensor checkpoint (torch.load weights_only=True "
+            f"rejected it{what}). Weights files hold only tensors; this one may run code when "
+            "unpickled. Use a .safetensors file or the original download."
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
@@ -74,8 +67,13 @@ def _unwrap(data, path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
-                device: str | torch.device = "cpu", progress=None) -> None:
+def load_strict(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> None:
     """Give `module` (built on the meta device) the tensors of `state_dict`, cast to its dtypes.
 
     Any missing, unexpected or mis-shaped tensor is an error naming it and `source`. When every
@@ -85,8 +83,11 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
-                        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape)
+    mis_shaped = sorted(
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    )
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
         if items:

@@ -22,16 +22,21 @@ IMAGE_SIZE = 224
 MODES = ("squash", "crop")
 
 
-def to_rgb(images: torch.Tensor) -> torch.Tensor:
+def check_images(images: torch.Tensor, name: str = "image") -> None:
+    """A ComfyUI IMAGE batch [B,H,W,C] with at least one image of at least one pixel."""
+    if images.ndim != 4 or 0 in images.shape[:3]:
+        raise ValueError(f"{name}: expected a non-empty image batch [B,H,W,C], got shape {tuple(images.shape)}")
+
+
+def to_rgb(images: torch.Tensor, name: str = "image") -> torch.Tensor:
     """[B,H,W,C] with C in 1, 3, 4 -> [B,H,W,3]."""
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise ValueError(f"expected a non-empty image batch [B,H,W,C], got shape {tuple(images.shape)}")
+    check_images(images, name)
     channels = images.shape[-1]
     if channels == 1:
         return images.expand(-1, -1, -1, 3)
     if channels in (3, 4):
         return images[..., :3]
-    raise ValueError(f"expected 1 (gray), 3 (RGB) or 4 (RGBA) channels, got {channels}")
+    raise ValueError(f"{name}: expected 1 (gray), 3 (RGB) or 4 (RGBA) channels, got {channels}")
 
 
 def whiten_outside(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,8 +49,10 @@ def whiten_outside(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if mask.ndim != 3:
         raise ValueError(f"mask: expected a MASK [H,W] or [B,H,W], got shape {tuple(mask.shape)}")
     if mask.shape[0] not in (1, images.shape[0]):
-        raise ValueError(f"mask: {mask.shape[0]} masks for {images.shape[0]} subject images; expected 1 mask "
-                         "(used for every image) or one per image")
+        raise ValueError(
+            f"mask: {mask.shape[0]} masks for {images.shape[0]} subject images; expected 1 mask "
+            "(used for every image) or one per image"
+        )
     if mask.shape[1:] != images.shape[1:3]:
         mask = F.interpolate(mask[:, None].float(), size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
     mask = mask.to(images).clamp(0, 1)[..., None]

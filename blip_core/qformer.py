@@ -22,7 +22,9 @@ class TextEmbeddings(nn.Module):
     def __init__(self, cfg: QFormerConfig, operations, dtype=None, device=None):
         super().__init__()
         self.word_embeddings = operations.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.position_embeddings = operations.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, device=device)
+        self.position_embeddings = operations.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, device=device
+        )
         self.LayerNorm = norm_layer(operations, cfg.hidden_size, cfg.layer_norm_eps, device)
 
     def forward(self, input_ids: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,9 @@ class ProjLayer(nn.Module):
 class QFormerEncoder(nn.Module):
     def __init__(self, cfg: QFormerConfig, operations, dtype=None, device=None):
         super().__init__()
-        self.layer = nn.ModuleList(QFormerLayer(cfg, i, operations, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.layer = nn.ModuleList(
+            QFormerLayer(cfg, i, operations, dtype, device) for i in range(cfg.num_hidden_layers)
+        )
 
     def forward(self, x, mask, image, num_queries):
         for layer in self.layer:

@@ -12,23 +12,27 @@ import math
 
 import torch
 
-from .subject_encoder import Subject
+from .messages import quoted
+from .subject import Subject
 
 
 def parse_weights(text: str, count: int) -> torch.Tensor | None:
     """Comma-separated weights, one per view, scaled to sum 1; None for an empty text (equal weights)."""
     if not text.strip():
         return None
+    parts = text.split(",")
+    if len(parts) != count:
+        raise ValueError(f"expected {count} weights (one per subject image), got {len(parts)}: {quoted(text)}")
     try:
-        weights = [float(w) for w in text.split(",")]
+        weights = [float(w) for w in parts]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers such as '2, 1', got {text!r}") from None
-    if len(weights) != count:
-        raise ValueError(f"expected {count} weights (one per subject image), got {len(weights)}: {text!r}")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be zero or positive with a positive sum, got {text!r}")
-    total = sum(weights)
-    return torch.tensor([w / total for w in weights], dtype=torch.float32)
+        raise ValueError(f"expected comma-separated numbers such as '2, 1', got {quoted(text)}") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights) or max(weights) <= 0:
+        raise ValueError(f"weights must be finite, zero or positive, with a positive sum; got {quoted(text)}")
+    # Scaled by the largest first: the sum of two weights near the float maximum would overflow to infinity.
+    largest = max(weights)
+    scaled = [w / largest for w in weights]
+    return torch.tensor([w / sum(scaled) for w in scaled], dtype=torch.float32)
 
 
 def average_views(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,11 +57,15 @@ def blend(a: Subject, b: Subject, ratio: float, category: str = "") -> Subject:
         raise ValueError(f"ratio must be between 0 and 1, got {ratio}")
     na, nb = a.embeds.shape[0], b.embeds.shape[0]
     if a.embeds.shape[1:] != b.embeds.shape[1:]:
-        raise ValueError(f"the subjects have embeddings of different shapes {tuple(a.embeds.shape[1:])} and "
-                         f"{tuple(b.embeds.shape[1:])}: they come from different subject encoders")
+        raise ValueError(
+            f"the subjects have embeddings of different shapes {tuple(a.embeds.shape[1:])} and "
+            f"{tuple(b.embeds.shape[1:])}: they come from different subject encoders"
+        )
     if na != nb and 1 not in (na, nb):
-        raise ValueError(f"subject_a has {na} views and subject_b {nb}: blending needs the same number of views, "
-                         "or a single view on one side")
+        raise ValueError(
+            f"subject_a has {na} views and subject_b {nb}: blending needs the same number of views, "
+            "or a single view on one side"
+        )
     # (1 - r) * a + r * b rather than a + r * (b - a): the endpoints then reproduce a and b bit for bit.
     embeds = (1.0 - ratio) * a.embeds.float() + ratio * b.embeds.float()
     # Provenance the blend still shares with both inputs (e.g. the encoder) stays; per-input facts go.

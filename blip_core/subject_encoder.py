@@ -7,7 +7,6 @@ and is spliced into the prompt by the text encoder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,12 +14,12 @@ from torch import nn
 
 from .bert_tokenizer import tokenize_subjects
 from .config import SubjectEncoderConfig
-from .loading import find_weights, load_strict, read_state_dict
+from .layout import CONFIG, QFORMER
+from .loading import load_strict, read_state_dict
 from .preprocess import preprocess as preprocess_images
 from .qformer import ProjLayer, QFormerEncoder, TextEmbeddings, text_attention_mask
+from .subject import check_category
 from .vision import VisionTransformer
-
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
 
 
 class SubjectEncoderModel(nn.Module):
@@ -30,7 +29,9 @@ class SubjectEncoderModel(nn.Module):
         super().__init__()
         q = config.qformer
         self.config = config
-        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size, dtype=dtype, device=device))
+        self.query_tokens = nn.Parameter(
+            torch.empty(1, config.num_query_tokens, q.hidden_size, dtype=dtype, device=device)
+        )
         self.embeddings = TextEmbeddings(q, operations, dtype, device)
         self.visual_encoder = VisionTransformer(config.vision, operations, dtype, device)
         self.encoder = QFormerEncoder(q, operations, dtype, device)
@@ -45,15 +46,6 @@ class SubjectEncoderModel(nn.Module):
         return self.proj_layer(x[:, :num_queries])
 
 
-@dataclass
-class Subject:
-    """Encoded subject: context embeddings [N,16,768] (one row per view) and its category."""
-
-    embeds: torch.Tensor
-    category: str
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
 class SubjectEncoder:
     """The loaded model with its tokenizer and preprocessing; `encode` is the whole recipe."""
 
@@ -66,18 +58,21 @@ class SubjectEncoder:
         return self.model.config
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, subjects: str | list[str], preprocess: str = "squash",
-               mask: torch.Tensor | None = None, device: torch.device | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        images: torch.Tensor,
+        subjects: str | list[str],
+        preprocess: str = "squash",
+        mask: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """images [B,H,W,C] in 0..1; one category for all or one per image -> [B,16,hidden] float32."""
         pixels = preprocess_images(images, preprocess, mask)
         categories = [subjects] * pixels.shape[0] if isinstance(subjects, str) else list(subjects)
         if len(categories) != pixels.shape[0]:
             raise ValueError(f"{len(categories)} subject categories for {pixels.shape[0]} images")
-        for c in categories:
-            if not c.strip():
-                raise ValueError("the subject category is empty: name what the image shows, e.g. 'dog'")
-        ids, text_mask = tokenize_subjects(categories)
+        ids, text_mask = tokenize_subjects([check_category(c) for c in categories])
         param = next(self.model.parameters())
         device = device or param.device
         dtype = dtype or param.dtype
@@ -97,25 +92,34 @@ def lavis_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
             continue
         if not key.startswith("blip."):
             continue
-        key = key[len("blip."):]
+        key = key[len("blip.") :]
         if key == "query_tokens":
             out[key] = value
         elif key.startswith("Qformer.bert."):
-            key = key[len("Qformer.bert."):]
-            out[key.replace(".attention.self.", ".attention.attention.")
-                   .replace(".crossattention.self.", ".crossattention.attention.")] = value
+            key = key[len("Qformer.bert.") :]
+            out[
+                key.replace(".attention.self.", ".attention.attention.").replace(
+                    ".crossattention.self.", ".crossattention.attention."
+                )
+            ] = value
         elif key.startswith("ln_vision."):
-            out["visual_encoder.post_layernorm." + key[len("ln_vision."):]] = value
+            out["visual_encoder.post_layernorm." + key[len("ln_vision.") :]] = value
         elif key.startswith("visual_encoder."):
-            renamed = _lavis_vision_key(key[len("visual_encoder."):], value)
+            renamed = _lavis_vision_key(key[len("visual_encoder.") :], value)
             if renamed is not None:
                 out[renamed[0]] = renamed[1]
     return out
 
 
-_LAVIS_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.in_proj_weight": "self_attn.qkv.weight",
-                "attn.in_proj_bias": "self_attn.qkv.bias", "attn.out_proj": "self_attn.projection",
-                "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_LAVIS_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.in_proj_weight": "self_attn.qkv.weight",
+    "attn.in_proj_bias": "self_attn.qkv.bias",
+    "attn.out_proj": "self_attn.projection",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def _lavis_vision_key(key: str, value: torch.Tensor):
@@ -127,27 +131,34 @@ def _lavis_vision_key(key: str, value: torch.Tensor):
     if key == "conv1.weight":
         return prefix + "embeddings.patch_embedding.weight", value
     if key.startswith("ln_pre."):
-        return prefix + "pre_layernorm." + key[len("ln_pre."):], value
+        return prefix + "pre_layernorm." + key[len("ln_pre.") :], value
     if key.startswith("transformer.resblocks."):
-        index, rest = key[len("transformer.resblocks."):].split(".", 1)
+        index, rest = key[len("transformer.resblocks.") :].split(".", 1)
         for old, new in _LAVIS_BLOCK.items():
             if rest.startswith(old):
-                return f"{prefix}encoder.layers.{index}.{new}{rest[len(old):]}", value
+                return f"{prefix}encoder.layers.{index}.{new}{rest[len(old) :]}", value
     return None
 
 
 def _resolve_qformer(path: Path) -> tuple[Path, Path]:
     """(config.json, weights) for a BLIP-Diffusion folder or its `qformer/` folder."""
-    folder = path / "qformer" if (path / "qformer").is_dir() else path
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a BLIP-Diffusion model folder: expected qformer/config.json "
-                                f"and qformer/pytorch_model.bin (or model.safetensors) inside it")
-    return config, find_weights(folder, WEIGHT_NAMES)
+    folder = path / QFORMER.folder if (path / QFORMER.folder).is_dir() else path
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a BLIP-Diffusion model folder: expected {QFORMER.folder}/{CONFIG} "
+            f"and {QFORMER.folder}/{QFORMER.weights[0]} (or {QFORMER.weights[1]}) inside it"
+        )
+    return folder / CONFIG, QFORMER.weights_in(folder, path.name)
 
 
-def load_subject_encoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                         operations=nn, config: SubjectEncoderConfig | None = None, progress=None) -> SubjectEncoder:
+def load_subject_encoder(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    operations=nn,
+    config: SubjectEncoderConfig | None = None,
+    progress=None,
+) -> SubjectEncoder:
     """Load from a BLIP-Diffusion folder (diffusers layout), its `qformer/` folder, or a single weights file.
 
     A single file may hold the released key layout or an original LAVIS checkpoint; it uses

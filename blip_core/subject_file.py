@@ -20,59 +20,81 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .loading import load_pickle
-from .prompt import NUM_QUERY_TOKENS
-from .subject_encoder import Subject
+from .subject import MAX_VIEWS, Subject, check_category, check_embeds
 
 FORMAT = "blip_diffusion_subject"
 VERSION = "1"
 RESERVED = ("format", "version", "category")
+MAX_HEADER_BYTES = 1 << 20
 WRITERS = "BLIP-Diffusion Save Subject or tools/import_lavis_subject.py"
-
-
-def _check_embeds(embeds: torch.Tensor, source) -> None:
-    if embeds.ndim != 3 or embeds.shape[1] != NUM_QUERY_TOKENS:
-        raise ValueError(f"{source}: subject embeddings must have shape [views, {NUM_QUERY_TOKENS}, width], "
-                         f"got {tuple(embeds.shape)}")
 
 
 def save_subject(subject: Subject, path: str | Path) -> None:
     """Write `subject` to `path` (format version 1)."""
-    _check_embeds(subject.embeds, "subject")
-    if not subject.category.strip():
-        raise ValueError("subject: the category is empty; a subject file needs one")
     clashes = sorted(set(subject.metadata) & set(RESERVED))
     if clashes:
         raise ValueError(f"subject: metadata keys {clashes} are reserved for the file format")
-    metadata = {"format": FORMAT, "version": VERSION, "category": subject.category,
-                **{k: str(v) for k, v in subject.metadata.items()}}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "category": subject.category,
+        **{k: str(v) for k, v in subject.metadata.items()},
+    }
     embeds = subject.embeds.detach().to("cpu", torch.float32).contiguous()
     save_file({"embeds": embeds}, str(path), metadata=metadata)
 
 
 def load_subject(path: str | Path) -> Subject:
-    """Read a subject file; a file of another kind or version is an error that says what was expected."""
+    """Read a subject file; a file of another kind or version is an error that says what was expected.
+
+    Whoever can reach a ComfyUI server can upload such a file, so it is read as hostile data: its header
+    (and so its metadata) is bounded before it is parsed, the tensor's shape is checked before it is read,
+    and the values are checked (Subject) before anything uses them.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subject file not found: {path}")
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    if header > path.stat().st_size - 8:
+        raise ValueError(
+            f"{path.name} is not a readable .safetensors file (truncated or corrupt?): its header "
+            "is longer than the file"
+        )
+    if header > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{path.name}: a subject file's header (its metadata) of {header} bytes; subject files "
+            f"hold a few hundred (at most {MAX_HEADER_BYTES})"
+        )
     try:
         with safe_open(str(path), "pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path.name} is not a BLIP-Diffusion subject file: expected metadata "
-                                 f"format={FORMAT!r}, as written by {WRITERS}")
+                raise ValueError(
+                    f"{path.name} is not a BLIP-Diffusion subject file: expected metadata "
+                    f"format={FORMAT!r}, as written by {WRITERS}"
+                )
             if metadata.get("version") != VERSION:
-                raise ValueError(f"{path.name} is a subject file of format version {metadata.get('version')!r}; "
-                                 f"this pack reads version {VERSION!r} (a newer pack wrote it? update this one)")
+                raise ValueError(
+                    f"{path.name} is a subject file of format version {metadata.get('version')!r}; "
+                    f"this pack reads version {VERSION!r} (a newer pack wrote it? update this one)"
+                )
             if "embeds" not in f.keys():
-                raise ValueError(f"{path.name}: a subject file of version {VERSION} needs an 'embeds' tensor; "
-                                 f"it holds {sorted(f.keys())}")
+                raise ValueError(
+                    f"{path.name}: a subject file of version {VERSION} needs an 'embeds' tensor; "
+                    f"it holds {sorted(f.keys())}"
+                )
+            shape = f.get_slice("embeds").get_shape()
+            if len(shape) != 3 or not 1 <= shape[0] <= MAX_VIEWS:
+                raise ValueError(
+                    f"{path.name}: subject embeddings of shape {tuple(shape)}; expected [views, 16, width] "
+                    f"with 1 to {MAX_VIEWS} views"
+                )
             embeds = f.get_tensor("embeds")
     except SafetensorError as e:
         raise ValueError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
-    _check_embeds(embeds, path.name)
-    category = metadata.get("category", "").strip()
-    if not category:
-        raise ValueError(f"{path.name}: the subject file has no category in its metadata")
+    check_embeds(embeds, path.name)
+    category = check_category(metadata.get("category", ""), path.name)
     extra = {k: v for k, v in metadata.items() if k not in RESERVED}
     return Subject(embeds.float(), category, extra)
 
@@ -91,18 +113,23 @@ def read_lavis_ctx_cache(path: str | Path) -> torch.Tensor:
         data = data["model"]
     cache = data.get("ctx_embeddings_cache") if isinstance(data, dict) else data
     if not isinstance(cache, torch.Tensor):
-        raise ValueError(f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
-                         "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt")
-    _check_embeds(cache, path)
+        raise ValueError(
+            f"{path} has no ctx_embeddings_cache tensor: expected a LAVIS BLIP-Diffusion fine-tuned "
+            "checkpoint (the tensor under 'model') or a ctx_embeddings_cache.pt"
+        )
+    check_embeds(cache, str(path))
     if not cache.any():
         # LAVIS initialises the cache to zeros; only fine-tuning fills it.
-        raise ValueError(f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject")
+        raise ValueError(
+            f"{path}: ctx_embeddings_cache is all zeros, so this checkpoint was not fine-tuned on a subject"
+        )
     return cache.float()
 
 
 def subject_from_lavis(path: str | Path, category: str) -> Subject:
     """A LAVIS fine-tuned subject (its cached embeddings) as a Subject named `category`."""
-    if not category.strip():
-        raise ValueError("the subject category is empty: name the fine-tuned subject, e.g. 'dog'")
-    return Subject(read_lavis_ctx_cache(path), category.strip(),
-                   {"source": "LAVIS ctx_embeddings_cache", "checkpoint": Path(path).name})
+    return Subject(
+        read_lavis_ctx_cache(path),
+        check_category(category, "category"),
+        {"source": "LAVIS ctx_embeddings_cache", "checkpoint": Path(path).name},
+    )

@@ -18,9 +18,12 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.class_embedding = nn.Parameter(torch.empty(1, 1, cfg.hidden_size, dtype=dtype, device=device))
-        self.position_embedding = nn.Parameter(torch.empty(1, num_positions, cfg.hidden_size, dtype=dtype, device=device))
-        self.patch_embedding = operations.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False,
-                                                 dtype=dtype, device=device)
+        self.position_embedding = nn.Parameter(
+            torch.empty(1, num_positions, cfg.hidden_size, dtype=dtype, device=device)
+        )
+        self.patch_embedding = operations.Conv2d(
+            3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False, dtype=dtype, device=device
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
@@ -32,7 +35,9 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig, operations, dtype=None, device=None):
         super().__init__()
         self.heads = cfg.num_attention_heads
-        self.qkv = operations.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias, dtype=dtype, device=device)
+        self.qkv = operations.Linear(
+            cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias, dtype=dtype, device=device
+        )
         self.projection = operations.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

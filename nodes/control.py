@@ -10,90 +10,53 @@ center crop.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import comfy.controlnet
-import comfy.model_management as mm
-
-from ..blip_core import resize_control_image
+from ..blip_core.control import resize_control_image
+from ..blip_core.layout import CONTROLNET
 from ..blip_core.loading import load_strict, read_state_dict
-from ..blip_core.preprocess import to_rgb, to_uint8
-from . import paths
-from .api import CATEGORY, io
-from .models import UNET_FILES, component, load_controlnet
+from ..blip_core.preprocess import check_images, to_rgb, to_uint8
+from . import compat, paths
+from .api import CATEGORY, io, number_error
+from .models import load_controlnet
 
 HED_FILE = "ControlNetHED.pth"
-RESOLUTION_TIP = "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), " \
-                 "and so is the output."
+# An SD-1.5 ControlNet's hint is the output's size (512-1024); HED's memory grows with its square (~1 GB at 2048).
+MAX_RESOLUTION = 2048
+RESOLUTION_TIP = (
+    "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), "
+    f"and so is the output. At most {MAX_RESOLUTION}."
+)
 
 
-class ReferenceHint:
-    """Mixed into a copy of a ComfyUI ControlNet: resizes the hint like the reference at sampling time.
-
-    `hint_source` is the control image as given ([B,3,H,W], 0..1). ComfyUI resizes
-    `cond_hint_original` to latent x 8 (nearest-exact, center crop) before each run; this
-    hands it an image already at that size, which ComfyUI's resize leaves unchanged.
-    """
-
-    hint_source: torch.Tensor
-
-    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-        latents, hints = x_noisy.shape[0] // batched_number, self.hint_source.shape[0]
-        if hints not in (1, latents):
-            raise ValueError(f"BlipDiffusionControlNetApply: image is a batch of {hints} control images but the "
-                             f"sampler has {latents} latents; give 1 control image (for all) or one per latent")
-        ratio = self.compression_ratio * (self.vae.spacial_compression_encode() if self.vae is not None else 1)
-        height, width = x_noisy.shape[-2] * ratio, x_noisy.shape[-1] * ratio
-        if tuple(self.cond_hint_original.shape[-2:]) != (height, width):
-            image = resize_control_image(self.hint_source.movedim(1, -1), height, width)
-            self.cond_hint_original = image.movedim(-1, 1)
-        return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
-
-    def copy(self):
-        c = super().copy()
-        c.__class__, c.hint_source = type(self), self.hint_source
-        return c
-
-    def cleanup(self):
-        self.cond_hint_original = self.hint_source  # the next run may have another output size
-        super().cleanup()
+def reference_hint(hint: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The control image [B,3,H,W] at the output size, resized as the reference resizes it."""
+    return resize_control_image(hint.movedim(1, -1), height, width).movedim(-1, 1)
 
 
-@functools.cache
-def with_reference_hint(cls: type) -> type:
-    return type(f"ReferenceHint{cls.__name__}", (ReferenceHint, cls), {})
-
-
-def context_width(control_net) -> int | None:
-    """The text-embedding width a ControlNet cross-attends to (768 for SD-1.5, 2048 for SDXL)."""
-    model = getattr(control_net, "control_model", None)  # T2I-Adapters have none; Control-LoRAs build it later
-    if model is None:
+def window_error(start: float | None, end: float | None) -> str | None:
+    """Why a start/end window would never run the ControlNet, or None."""
+    if start is None or end is None or start < end:
         return None
-    for name, param in model.named_parameters():
-        if name.endswith("attn2.to_k.weight"):
-            return param.shape[1]
-    return None
+    relation = "equals" if start == end else "is after"
+    return (
+        f"start_percent: {start} {relation} end_percent {end}: the window is empty and the ControlNet would never "
+        "run; widen it, or use strength 0 for no control"
+    )
 
 
 def check_architecture(control_net, conditionings: list) -> None:
-    width = context_width(control_net)
+    width = compat.controlnet_context_width(control_net)
     for cond, _ in conditionings:
         if width is not None and cond.shape[-1] != width:
-            raise ValueError(f"BlipDiffusionControlNetApply: control_net cross-attends to {width}-wide text "
-                             f"embeddings but the conditioning is {cond.shape[-1]} wide (BLIP-Diffusion and "
-                             "SD-1.5: 768); load an SD-1.5 ControlNet, not one for another architecture (SDXL: 2048)")
-
-
-def attach(control_net, hint: torch.Tensor, strength: float, window: tuple[float, float], vae, previous):
-    net = control_net.copy().set_cond_hint(hint, strength, window, vae=vae)
-    if isinstance(net, comfy.controlnet.ControlNet):  # T2I-Adapters keep ComfyUI's own hint scaling
-        net.__class__ = with_reference_hint(type(net))
-        net.hint_source = hint
-    return net.set_previous_controlnet(previous)
+            raise ValueError(
+                f"BlipDiffusionControlNetApply: control_net cross-attends to {width}-wide text "
+                f"embeddings but the conditioning is {cond.shape[-1]} wide (BLIP-Diffusion and "
+                "SD-1.5: 768); load an SD-1.5 ControlNet, not one for another architecture (SDXL: 2048)"
+            )
 
 
 class BlipDiffusionControlNetApply(io.ComfyNode):
@@ -104,38 +67,84 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
             display_name="BLIP-Diffusion Apply ControlNet",
             category=f"{CATEGORY}/control",
             description="Adds structure control (edges, scribbles, any SD-1.5 ControlNet) to both the positive and "
-                        "negative conditioning, as the reference does. Chains with earlier ControlNets, including "
-                        "ComfyUI's Apply ControlNet. A control image of another size than the output is resized "
-                        "like the reference (bicubic, squashed to the output size).",
+            "negative conditioning, as the reference does. Chains with earlier ControlNets, including "
+            "ComfyUI's Apply ControlNet. A control image of another size than the output is resized "
+            "like the reference (bicubic, squashed to the output size).",
             inputs=[
-                io.Conditioning.Input("positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning; it gets the same control."),
-                io.ControlNet.Input("control_net", tooltip="From the BLIP-Diffusion ControlNet Loader or ComfyUI's "
-                                                           "Load ControlNet Model (an SD-1.5 ControlNet)."),
-                io.Image.Input("image", tooltip="The control image, e.g. from BLIP-Diffusion Canny Edges or HED Edges. "
-                                                "1 image, or one per latent. Gray is used as RGB; alpha is ignored."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="Scales the ControlNet's residuals (the reference: 1.0). 0 = no control."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Where in the denoising the control starts (0 = first step, as the reference)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Where the control stops (1 = last step, as the reference)."),
-                io.Vae.Input("vae", optional=True,
-                             tooltip="Only for ControlNets that work on latents (not SD-1.5 ones): the VAE to encode "
-                                     "the control image."),
+                io.Conditioning.Input(
+                    "positive", tooltip="From the BLIP-Diffusion Multimodal Prompt (or any CONDITIONING)."
+                ),
+                io.Conditioning.Input(
+                    "negative", tooltip="The negative prompt's conditioning; it gets the same control."
+                ),
+                io.ControlNet.Input(
+                    "control_net",
+                    tooltip="From the BLIP-Diffusion ControlNet Loader or ComfyUI's "
+                    "Load ControlNet Model (an SD-1.5 ControlNet).",
+                ),
+                io.Image.Input(
+                    "image",
+                    tooltip="The control image, e.g. from BLIP-Diffusion Canny Edges or HED Edges. "
+                    "1 image, or one per latent. Gray is used as RGB; alpha is ignored.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Scales the ControlNet's residuals (the reference: 1.0). 0 = no control.",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Where in the denoising the control starts (0 = first step, as the reference).",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Where the control stops (1 = last step, as the reference).",
+                ),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="Only for ControlNets that work on latents (not SD-1.5 ones): the VAE to encode "
+                    "the control image.",
+                ),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the ControlNet attached."),
-                io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning with the ControlNet attached."),
+                io.Conditioning.Output(
+                    display_name="positive", tooltip="Positive conditioning with the ControlNet attached."
+                ),
+                io.Conditioning.Output(
+                    display_name="negative", tooltip="Negative conditioning with the ControlNet attached."
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, positive, negative, control_net, image, strength: float, start_percent: float,
-                end_percent: float, vae=None) -> io.NodeOutput:
-        if start_percent > end_percent:
-            raise ValueError(f"BlipDiffusionControlNetApply: start_percent {start_percent} is after end_percent "
-                             f"{end_percent}; the ControlNet would never run")
+    def validate_inputs(
+        cls, strength: float | None = None, start_percent: float | None = None, end_percent: float | None = None
+    ):
+        return (
+            number_error(strength=strength, start_percent=start_percent, end_percent=end_percent)
+            or window_error(start_percent, end_percent)
+            or True
+        )
+
+    @classmethod
+    def execute(
+        cls, positive, negative, control_net, image, strength: float, start_percent: float, end_percent: float, vae=None
+    ) -> io.NodeOutput:
+        error = window_error(start_percent, end_percent)  # again: linked values skip validate_inputs
+        if error:
+            raise ValueError(f"BlipDiffusionControlNetApply: {error}")
         if strength == 0:  # exactly no control, as ComfyUI's Apply ControlNet
             return io.NodeOutput(positive, negative)
         check_architecture(control_net, positive + negative)
@@ -149,7 +158,9 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
             for cond, extra in conditioning:
                 previous = extra.get("control")
                 if previous not in attached:
-                    attached[previous] = attach(control_net, hint, strength, (start_percent, end_percent), vae, previous)
+                    attached[previous] = compat.attach_controlnet(
+                        control_net, hint, strength, (start_percent, end_percent), vae, previous, reference_hint
+                    )
                 out.append([cond, {**extra, "control": attached[previous], "control_apply_to_uncond": False}])
             outputs.append(out)
         return io.NodeOutput(*outputs)
@@ -163,34 +174,42 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
             display_name="BLIP-Diffusion ControlNet Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the ControlNet of a BLIP-Diffusion folder (its controlnet/, as in "
-                        "Salesforce/blipdiffusion-controlnet), or any ControlNet in models/controlnet.",
+            "Salesforce/blipdiffusion-controlnet), or any ControlNet in models/controlnet.",
             inputs=[
-                io.Combo.Input("model_name", options=paths.controlnet_entries(),
-                               tooltip="A BLIP-Diffusion folder in models/blip_diffusion with a controlnet/ "
-                                       "(its canny ControlNet), or a file in models/controlnet: diffusers format "
-                                       "(with its config.json beside it) or a single-file ControlNet."),
+                io.Combo.Input(
+                    "model_name",
+                    options=paths.controlnet_entries(),
+                    tooltip="A BLIP-Diffusion folder in models/blip_diffusion with a controlnet/ "
+                    "(its canny ControlNet), or a file in models/controlnet: diffusers format "
+                    "(with its config.json beside it) or a single-file ControlNet.",
+                ),
             ],
             outputs=[io.ControlNet.Output(display_name="control_net", tooltip="For BLIP-Diffusion Apply ControlNet.")],
         )
 
     @classmethod
     def validate_inputs(cls, model_name: str | None = None):
+        if model_name is None or paths.release_with_controlnet(model_name) is not None:
+            return True
         expected = "is neither a BLIP-Diffusion folder with controlnet/config.json nor a ControlNet file"
-        return paths.listed_error("model_name", model_name, paths.controlnet_entries(), paths.CONTROLNETS,
-                                  "ControlNet", expected) or True
+        return (
+            paths.entry_error(
+                "model_name", model_name, paths.CONTROLNETS, "ControlNet", paths.is_weights_file, expected
+            )
+            or True
+        )
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        if model_name in paths.model_folders():
-            folder = paths.resolve(model_name, what="BLIP-Diffusion model")
-            return io.NodeOutput(load_controlnet(component(folder, "controlnet", UNET_FILES)))
+        release = paths.release_with_controlnet(model_name)
+        if release is not None:
+            return io.NodeOutput(load_controlnet(CONTROLNET.weights_file(release)))
         return io.NodeOutput(load_controlnet(paths.resolve(model_name, paths.CONTROLNETS, what="ControlNet")))
 
 
 def detect_each(images: torch.Tensor, detect) -> torch.Tensor:
     """Run a controlnet-aux detector (uint8 HxWxC -> uint8 HxWx3) on every image of a batch."""
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"image: expected a non-empty image batch [B,H,W,C], got shape {tuple(images.shape)}")
+    check_images(images)
     maps = np.stack([detect(pixels) for pixels in to_uint8(images)])
     return torch.from_numpy(maps.astype(np.float32) / 255.0)
 
@@ -203,14 +222,24 @@ class BlipDiffusionCannyEdges(io.ComfyNode):
             display_name="BLIP-Diffusion Canny Edges",
             category=f"{CATEGORY}/control",
             description="Canny edge map for a canny ControlNet (controlnet-aux's CannyDetector, as the reference's "
-                        "example uses it). Dense edges (low thresholds) work best for stylization.",
+            "example uses it). Dense edges (low thresholds) work best for stylization.",
             inputs=[
                 io.Image.Input("image", tooltip="The photo whose structure to keep. Alpha is composited over white."),
-                io.Int.Input("low_threshold", default=30, min=0, max=255,
-                             tooltip="Canny's lower hysteresis threshold (0-255); the reference example uses 30."),
-                io.Int.Input("high_threshold", default=70, min=0, max=255,
-                             tooltip="Canny's upper hysteresis threshold (0-255); the reference example uses 70."),
-                io.Int.Input("resolution", default=512, min=64, max=16384, step=64, tooltip=RESOLUTION_TIP),
+                io.Int.Input(
+                    "low_threshold",
+                    default=30,
+                    min=0,
+                    max=255,
+                    tooltip="Canny's lower hysteresis threshold (0-255); the reference example uses 30.",
+                ),
+                io.Int.Input(
+                    "high_threshold",
+                    default=70,
+                    min=0,
+                    max=255,
+                    tooltip="Canny's upper hysteresis threshold (0-255); the reference example uses 70.",
+                ),
+                io.Int.Input("resolution", default=512, min=64, max=MAX_RESOLUTION, step=64, tooltip=RESOLUTION_TIP),
             ],
             outputs=[io.Image.Output(display_name="edges", tooltip="White edges on black, RGB.")],
         )
@@ -220,8 +249,14 @@ class BlipDiffusionCannyEdges(io.ComfyNode):
         from controlnet_aux.canny import CannyDetector  # heavy (controlnet-aux imports all its detectors)
 
         canny = CannyDetector()
-        return io.NodeOutput(detect_each(image, lambda pixels: canny(
-            pixels, low_threshold, high_threshold, detect_resolution=resolution, image_resolution=resolution)))
+        return io.NodeOutput(
+            detect_each(
+                image,
+                lambda pixels: canny(
+                    pixels, low_threshold, high_threshold, detect_resolution=resolution, image_resolution=resolution
+                ),
+            )
+        )
 
 
 def hed_weights(annotator: str) -> Path:
@@ -231,8 +266,10 @@ def hed_weights(annotator: str) -> Path:
         return path
     found = sorted(path.rglob(HED_FILE))
     if not found:
-        raise FileNotFoundError(f"annotator {annotator!r}: no {HED_FILE} in {path}; download {HED_FILE} from the "
-                                f"lllyasviel/Annotators repository and put it in that folder")
+        raise FileNotFoundError(
+            f"annotator {annotator!r}: no {HED_FILE} in {path}; download {HED_FILE} from the "
+            f"lllyasviel/Annotators repository and put it in that folder"
+        )
     return found[0]
 
 
@@ -242,7 +279,7 @@ def load_hed(path: Path):
 
     network = ControlNetHED_Apache2()
     load_strict(network, read_state_dict(path), path)
-    return HEDdetector(network.float().eval().to(mm.get_torch_device()))
+    return HEDdetector(network.float().eval().to(compat.torch_device()))
 
 
 class BlipDiffusionHEDEdges(io.ComfyNode):
@@ -253,17 +290,25 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
             display_name="BLIP-Diffusion HED Edges",
             category=f"{CATEGORY}/control",
             description="Soft HED edges, or a scribble made from them, for an HED or scribble ControlNet "
-                        f"(controlnet-aux's HEDdetector with {HED_FILE} from models/annotators; nothing is downloaded).",
+            f"(controlnet-aux's HEDdetector with {HED_FILE} from models/annotators; nothing is downloaded).",
             inputs=[
                 io.Image.Input("image", tooltip="The photo whose structure to keep. Alpha is composited over white."),
-                io.Combo.Input("annotator", options=paths.annotator_entries(),
-                               tooltip=f"A folder in models/annotators holding {HED_FILE} (from lllyasviel/Annotators), "
-                                       "or the file itself."),
-                io.Boolean.Input("scribble", default=False,
-                                 tooltip="Thin the edges into binary scribble lines. Off: soft HED edges, which is what "
-                                         "the reference's scribble example feeds the scribble ControlNet."),
-                io.Boolean.Input("safe", default=False, tooltip="Quantize the edge strengths to fewer levels (HED safe mode)."),
-                io.Int.Input("resolution", default=512, min=64, max=16384, step=64, tooltip=RESOLUTION_TIP),
+                io.Combo.Input(
+                    "annotator",
+                    options=paths.annotator_entries(),
+                    tooltip=f"A folder in models/annotators holding {HED_FILE} (from lllyasviel/Annotators), "
+                    "or the file itself.",
+                ),
+                io.Boolean.Input(
+                    "scribble",
+                    default=False,
+                    tooltip="Thin the edges into binary scribble lines. Off: soft HED edges, which is what "
+                    "the reference's scribble example feeds the scribble ControlNet.",
+                ),
+                io.Boolean.Input(
+                    "safe", default=False, tooltip="Quantize the edge strengths to fewer levels (HED safe mode)."
+                ),
+                io.Int.Input("resolution", default=512, min=64, max=MAX_RESOLUTION, step=64, tooltip=RESOLUTION_TIP),
             ],
             outputs=[io.Image.Output(display_name="edges", tooltip="White edges on black, RGB.")],
         )
@@ -272,16 +317,26 @@ class BlipDiffusionHEDEdges(io.ComfyNode):
     def validate_inputs(cls, annotator: str):
         try:
             hed_weights(annotator)
-        except (FileNotFoundError, ValueError) as e:
+        except (ValueError, OSError) as e:
             return str(e)
         return True
 
     @classmethod
     def execute(cls, image, annotator: str, scribble: bool, safe: bool, resolution: int) -> io.NodeOutput:
         hed = load_hed(hed_weights(annotator))
-        return io.NodeOutput(detect_each(image, lambda pixels: hed(
-            pixels, detect_resolution=resolution, image_resolution=resolution, safe=safe, scribble=scribble,
-            output_type="np")))
+        return io.NodeOutput(
+            detect_each(
+                image,
+                lambda pixels: hed(
+                    pixels,
+                    detect_resolution=resolution,
+                    image_resolution=resolution,
+                    safe=safe,
+                    scribble=scribble,
+                    output_type="np",
+                ),
+            )
+        )
 
 
 EDGE_NODES = [BlipDiffusionCannyEdges, BlipDiffusionHEDEdges]  # the nodes that need controlnet-aux

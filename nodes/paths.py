@@ -2,34 +2,31 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import folder_paths
+from ..blip_core.layout import CONFIG, CONTROLNET, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES
+from ..blip_core.messages import quoted
+from . import compat
 
 MODELS = "blip_diffusion"
 SUBJECTS = "blip_diffusion_subjects"
 ANNOTATORS = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
 CONTROLNETS = "controlnet"  # ComfyUI's own folder
-WEIGHT_SUFFIXES = {".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt"}
 SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
 INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (folder_paths.annotated_filepath)
+MAX_NAME = 1024  # characters of a user-typed name (file systems allow 255 a part, 4096 a path)
+MAX_PART = 255
 
 
 def register() -> None:
-    """Model folders of the pack (blip_diffusion, blip_diffusion_subjects, annotators), keeping extra paths
-    from extra_model_paths.yaml."""
-    weights = set(folder_paths.supported_pt_extensions)
-    for kind, suffixes in ((MODELS, weights), (SUBJECTS, {SUBJECT_SUFFIX}), (ANNOTATORS, weights)):
-        default = os.path.join(folder_paths.models_dir, kind)
-        paths = folder_paths.folder_names_and_paths.get(kind, ([], set()))[0]
-        if default not in paths:
-            paths = [default, *paths]
-        folder_paths.folder_names_and_paths[kind] = (paths, suffixes)
+    """The pack's model folders (blip_diffusion, blip_diffusion_subjects, annotators) in models/, keeping
+    extra paths from extra_model_paths.yaml."""
+    for kind in (MODELS, SUBJECTS, ANNOTATORS):
+        compat.register_model_folder(kind)
 
 
 def roots(kind: str = MODELS) -> list[Path]:
-    return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    return compat.folders(kind)
 
 
 def _folders_holding(marker: str) -> set[str]:
@@ -39,19 +36,35 @@ def _folders_holding(marker: str) -> set[str]:
 
 def model_folders() -> list[str]:
     """Folders under models/blip_diffusion with a `model_index.json` (the released layout)."""
-    return sorted(_folders_holding("model_index.json"))
+    return sorted(_folders_holding(MODEL_INDEX))
 
 
 def encoder_entries() -> list[str]:
     """Model folders (their qformer/ is used) and single subject-encoder weight files."""
-    files = {p.name for root in roots() if root.is_dir() for p in root.iterdir()
-             if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES}
-    return sorted(_folders_holding("qformer/config.json") | files)
+    files = {
+        p.name
+        for root in roots()
+        if root.is_dir()
+        for p in root.iterdir()
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+    }
+    return sorted(_folders_holding(f"{QFORMER.folder}/{CONFIG}") | files)
 
 
 def controlnet_entries() -> list[str]:
     """BLIP-Diffusion folders with a controlnet/ (the -controlnet release), then models/controlnet files."""
-    return sorted(_folders_holding("controlnet/config.json")) + folder_paths.get_filename_list(CONTROLNETS)
+    return sorted(_folders_holding(f"{CONTROLNET.folder}/{CONFIG}")) + compat.filenames(CONTROLNETS)
+
+
+def release_with_controlnet(name: str) -> Path | None:
+    """The BLIP-Diffusion folder `name` in models/blip_diffusion if it holds a controlnet/, else None."""
+    if escapes(name) or malformed(name):
+        return None
+    return next((root / name for root in roots() if (root / name / CONTROLNET.folder / CONFIG).is_file()), None)
+
+
+def is_weights_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES
 
 
 def annotator_entries() -> list[str]:
@@ -68,22 +81,22 @@ def resolve(name: str, kind: str = MODELS, what: str = "model") -> Path:
     return _inside(name, roots(kind), f"models/{kind}", what)
 
 
-def listed_error(input_name: str, name: str | None, entries: list[str], kind: str, what: str,
-                 expected: str) -> str | None:
-    """Why a loader's `name` is not one of its listed `entries`, or None (also for a linked value).
+def entry_error(input_name: str, name: str | None, kind: str, what: str, is_entry, expected: str) -> str | None:
+    """Why a loader's `name` is not an entry of its list, or None (also for a linked value).
 
     ComfyUI does not check V3 combo values, so a loader checks its own in `validate_inputs`:
-    a path, a name that is not there, or an entry that lacks what makes it listed (`expected`).
+    a path, a name that is not there, or an entry that lacks what makes it listed (`is_entry(path)`
+    is false; `expected` says what). Only that one name is looked at, not the whole folder.
     The message starts with the input's name: ComfyUI repeats it under every input the
     validation function takes.
     """
-    if name is None or name in entries:
+    if name is None:
         return None
     try:
-        resolve(name, kind, what)
-    except (ValueError, FileNotFoundError) as e:
+        path = resolve(name, kind, what)
+    except (ValueError, OSError) as e:
         return f"{input_name}: {e}"
-    return f"{input_name}: {what} {name!r} is in models/{kind} but {expected}"
+    return None if is_entry(path) else f"{input_name}: {what} {quoted(name)} is in models/{kind} but {expected}"
 
 
 def escapes(name: str) -> bool:
@@ -96,53 +109,78 @@ def escapes(name: str) -> bool:
     return not name.strip() or bool(candidate.anchor) or ".." in candidate.parts
 
 
+def malformed(name: str) -> str | None:
+    """Why a name cannot be a file name at all (control characters, a length no file system takes), or None."""
+    if any(ord(c) < 32 for c in name):
+        return "it holds control characters"
+    if len(name) > MAX_NAME or any(len(part) > MAX_PART for part in Path(name).parts):
+        return f"it is {len(name)} characters long (file names take at most {MAX_PART} a part)"
+    return None
+
+
 def _inside(name: str, folders: list[Path], where: str, what: str) -> Path:
-    candidate = Path(name)
     if escapes(name):
-        raise ValueError(f"{what} {name!r} must be a name inside {where}, not a path")
+        raise ValueError(f"{what} {quoted(name)} must be a name inside {where}, not a path")
+    problem = malformed(name)
+    if problem:
+        raise ValueError(f"{what} {quoted(name)} is not a file name: {problem}")
     for root in folders:
-        path = root / candidate  # lexically inside root; links an admin placed there are followed
+        path = root / name  # lexically inside root; links an admin placed there are followed
         if path.exists():
             return path
     searched = ", ".join(str(r) for r in folders)
-    raise FileNotFoundError(f"{what} {name!r} not found in {where} (searched: {searched})")
+    raise FileNotFoundError(f"{what} {quoted(name)} not found in {where} (searched: {searched})")
 
 
 def prefix_error(prefix: str | None) -> str | None:
-    """Why a saver's `filename_prefix` would leave the output folder, or None. (None in: the value is linked.)"""
+    """Why a saver's `filename_prefix` would leave the output folder or make no file name, or None. (None in:
+    the value is linked.)"""
     if prefix is None:
         return None
+    expected = (
+        "expected a name inside the output folder, optionally with subfolders, e.g. 'blip_diffusion/subjects/cat'"
+    )
     if escapes(prefix):
-        return (f"filename_prefix {prefix!r}: expected a name inside the output folder, optionally with "
-                "subfolders, e.g. 'blip_diffusion/subjects/cat'")
+        return f"filename_prefix {quoted(prefix)}: {expected}"
+    problem = malformed(prefix) or (
+        "its file name part is empty or hidden (starts with '.')"
+        if Path(prefix).name in ("", ".") or prefix.endswith(("/", "\\")) or Path(prefix).name.startswith(".")
+        else None
+    )
+    if problem:
+        return f"filename_prefix {quoted(prefix)}: {problem}; {expected}"
     return None
 
 
 def output_file(prefix: str, suffix: str) -> tuple[Path, str]:
-    """The next numbered file for `prefix` in the output folder, named as ComfyUI's savers name theirs
-    (`<prefix>_00001_<suffix>`), and its subfolder there."""
+    """The next numbered file for `prefix` in the output folder (`<prefix>_00001_<suffix>`), and its subfolder."""
     error = prefix_error(prefix)
     if error:
         raise ValueError(error)
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
-    return Path(folder) / f"{name}_{counter:05}_{suffix}", subfolder
+    return compat.output_file(prefix, suffix)
 
 
 def subject_files() -> list[str]:
     """Subject files in models/blip_diffusion_subjects (with subfolders), then those in the input folder, tagged."""
-    input_dir = Path(folder_paths.get_input_directory())
-    inputs = sorted(p.name + INPUT_TAG for p in input_dir.glob("*" + SUBJECT_SUFFIX) if p.is_file())
-    return [*folder_paths.get_filename_list(SUBJECTS), *inputs]
+    inputs = sorted(p.name + INPUT_TAG for p in compat.input_directory().glob("*" + SUBJECT_SUFFIX) if p.is_file())
+    return [*compat.filenames(SUBJECTS, (SUBJECT_SUFFIX,)), *inputs]
 
 
 def resolve_subject_file(name: str) -> Path:
     """A `subject_files()` entry -> its path, inside models/blip_diffusion_subjects or the input folder."""
     if name.endswith(INPUT_TAG):
-        path = _inside(name[:-len(INPUT_TAG)], [Path(folder_paths.get_input_directory())], "the input folder",
-                       "subject_file")
+        path = _inside(name[: -len(INPUT_TAG)], [compat.input_directory()], "the input folder", "subject_file")
     else:
-        path = _inside(name, roots(SUBJECTS), f"models/{SUBJECTS} (or the input folder, tagged {INPUT_TAG.strip()})",
-                       "subject_file")
+        path = _inside(
+            name,
+            roots(SUBJECTS),
+            f"models/{SUBJECTS} (or the input folder, tagged {INPUT_TAG.strip()})",
+            "subject_file",
+        )
     if path.suffix.lower() != SUBJECT_SUFFIX:
-        raise ValueError(f"subject_file {name!r}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)")
+        raise ValueError(
+            f"subject_file {quoted(name)}: expected a {SUBJECT_SUFFIX} subject file (subject files are never pickle)"
+        )
+    if not path.is_file():
+        raise ValueError(f"subject_file {quoted(name)} is a folder, not a subject file")
     return path

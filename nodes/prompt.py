@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..blip_core import average_views, build_prompt, parse_weights, splice_context
-from .api import CATEGORY, SubjectType, combo_error, io
+from ..blip_core.prompt import build_prompt, splice_context
+from ..blip_core.subject_blend import average_views, parse_weights
+from . import compat
+from .api import CATEGORY, SubjectType, combo_error, io, number_error
 
 MULTI_IMAGE = ("average", "per latent")
 
@@ -27,13 +29,13 @@ def _text_entries(chunks: list[list[tuple]], eos) -> list[tuple]:
     return entries
 
 
-def fused_tokens(clip, text: str, context: torch.Tensor) -> dict:
-    """ComfyUI tokens of one chunk: BOS, "a", the context rows, the rest of the text, EOS, padding."""
-    empty = clip.tokenize("")["l"][0]
+def fused_tokens(clip, text: str, context: torch.Tensor) -> list[list[tuple]]:
+    """CLIP-L tokens of one chunk: BOS, "a", the context rows, the rest of the text, EOS, padding."""
+    empty = compat.clip_l_tokens(clip, "")[0]
     bos, eos, pad = empty[0][0], empty[1][0], empty[-1][0]
-    entries = _text_entries(clip.tokenize(text)["l"], eos)
+    entries = _text_entries(compat.clip_l_tokens(clip, text), eos)
     ctx = [(row, 1.0) for row in context]
-    return {"l": [splice_context(entries, ctx, (bos, 1.0), (eos, 1.0), (pad, 1.0))]}
+    return [splice_context(entries, ctx, (bos, 1.0), (eos, 1.0), (pad, 1.0))]
 
 
 def _merge_batch(conditionings: list[list]) -> list:
@@ -50,14 +52,16 @@ def _merge_batch(conditionings: list[list]) -> list:
 
 def encode_fused(clip, text: str, embeds: torch.Tensor) -> list:
     """CONDITIONING with one batch row per row of `embeds` [N,16,D]."""
-    encoders = sorted(clip.tokenize(""))
+    encoders = compat.clip_encoders(clip)
     if encoders != ["l"]:
         raise ValueError(f"clip: BLIP-Diffusion needs an SD-1.5 CLIP (CLIP-L only); this CLIP has encoders {encoders}")
-    width = clip.tokenizer.clip_l.embedding_size
+    width = compat.clip_l_width(clip)
     if embeds.shape[-1] != width:
-        raise ValueError(f"subject: its embeddings are {embeds.shape[-1]} wide but this CLIP's tokens are {width} "
-                         "wide; use the CLIP of the same BLIP-Diffusion model")
-    return _merge_batch([clip.encode_from_tokens_scheduled(fused_tokens(clip, text, row)) for row in embeds])
+        raise ValueError(
+            f"subject: its embeddings are {embeds.shape[-1]} wide but this CLIP's tokens are {width} "
+            "wide; use the CLIP of the same BLIP-Diffusion model"
+        )
+    return _merge_batch([compat.encode_clip_l_tokens(clip, fused_tokens(clip, text, row)) for row in embeds])
 
 
 class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
@@ -67,38 +71,79 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
             node_id="BlipDiffusionMultimodalPromptFuse",
             display_name="BLIP-Diffusion Multimodal Prompt",
             category=f"{CATEGORY}/conditioning",
-            description="Builds BLIP-Diffusion's prompt \"a <target> <prompt>\" (repeated), inserts the subject "
-                        "embeddings after \"a\" and encodes it with CLIP into a regular CONDITIONING.",
+            description='Builds BLIP-Diffusion\'s prompt "a <target> <prompt>" (repeated), inserts the subject '
+            'embeddings after "a" and encodes it with CLIP into a regular CONDITIONING.',
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the BLIP-Diffusion model (from the BLIP-Diffusion Loader)."),
-                SubjectType.Input("subject", tooltip="From the BLIP-Diffusion Subject Encoder (or a loaded/blended subject)."),
-                io.String.Input("prompt", multiline=True, default="swimming underwater",
-                                tooltip="What the subject does or where it is; the template adds \"a <target>\" in front."),
-                io.String.Input("target_subject", default="",
-                                tooltip="The category to render, e.g. 'tiger' for a tiger that looks like the dog. "
-                                        "Empty: the subject's own category."),
-                io.Float.Input("prompt_strength", default=1.0, min=0.0, max=5.0, step=0.05,
-                               tooltip="Repeats the text floor(strength x reps) times to amplify it (0 = no text). "
-                                       "Only the first 59 text tokens fit."),
-                io.Int.Input("prompt_reps", default=20, min=0, max=100,
-                             tooltip="Base number of repetitions of \"a <target> <prompt>\"."),
-                io.Combo.Input("multi_image", options=list(MULTI_IMAGE), default="average",
-                               tooltip="With several subject images: average them into one subject, or give image i to "
-                                       "latent i of the batch."),
-                io.String.Input("image_weights", default="", optional=True,  # optional: older prompts lack it
-                                tooltip="average only: one weight per subject image, comma-separated, e.g. '2, 1, 1' "
-                                        "(scaled to sum 1). Empty: equal weights."),
+                SubjectType.Input(
+                    "subject", tooltip="From the BLIP-Diffusion Subject Encoder (or a loaded/blended subject)."
+                ),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="swimming underwater",
+                    tooltip='What the subject does or where it is; the template adds "a <target>" in front.',
+                ),
+                io.String.Input(
+                    "target_subject",
+                    default="",
+                    tooltip="The category to render, e.g. 'tiger' for a tiger that looks like the dog. "
+                    "Empty: the subject's own category.",
+                ),
+                io.Float.Input(
+                    "prompt_strength",
+                    default=1.0,
+                    min=0.0,
+                    max=5.0,
+                    step=0.05,
+                    tooltip="Repeats the text floor(strength x reps) times to amplify it (0 = no text). "
+                    "Only the first 59 text tokens fit.",
+                ),
+                io.Int.Input(
+                    "prompt_reps",
+                    default=20,
+                    min=0,
+                    max=100,
+                    tooltip='Base number of repetitions of "a <target> <prompt>".',
+                ),
+                io.Combo.Input(
+                    "multi_image",
+                    options=list(MULTI_IMAGE),
+                    default="average",
+                    tooltip="With several subject images: average them into one subject, or give image i to "
+                    "latent i of the batch.",
+                ),
+                io.String.Input(
+                    "image_weights",
+                    default="",
+                    optional=True,  # optional: older prompts lack it
+                    tooltip="average only: one weight per subject image, comma-separated, e.g. '2, 1, 1' "
+                    "(scaled to sum 1). Empty: equal weights.",
+                ),
             ],
             outputs=[io.Conditioning.Output(tooltip="Positive conditioning for any sampler.")],
         )
 
     @classmethod
-    def validate_inputs(cls, multi_image: str | None = None):
-        return combo_error(cls, multi_image=multi_image) or True
+    def validate_inputs(cls, multi_image: str | None = None, prompt_strength: float | None = None):
+        return (
+            combo_error("multi_image", multi_image, MULTI_IMAGE)
+            or number_error(prompt_strength=prompt_strength)
+            or True
+        )
 
     @classmethod
-    def execute(cls, clip, subject, prompt: str, target_subject: str, prompt_strength: float, prompt_reps: int,
-                multi_image: str, image_weights: str = "") -> io.NodeOutput:
+    def execute(
+        cls,
+        clip,
+        subject,
+        prompt: str,
+        target_subject: str,
+        prompt_strength: float,
+        prompt_reps: int,
+        multi_image: str,
+        image_weights: str = "",
+    ) -> io.NodeOutput:
         target = target_subject.strip() or subject.category
         text = build_prompt(prompt, target, prompt_strength, prompt_reps)
         return io.NodeOutput(encode_fused(clip, text, subject_rows(subject.embeds, multi_image, image_weights)))

@@ -9,20 +9,19 @@ tests compare with the float32 reference.
 from __future__ import annotations
 
 import json
-import sys
+import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from blip_diffusion_nodes.tools.comfy_server import Comfy, ComfyServer, prepare_base
+from blip_diffusion_nodes.tools.make_tiny_model import make_hed_annotator, make_model, weights_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(Path(__file__).parent))  # tests/graphs.py
-
-from comfy_server import Comfy, ComfyServer, prepare_base  # noqa: E402
-from make_tiny_model import make_hed_annotator, make_model, weights_digest  # noqa: E402
 
 TINY = "blipdiffusion"  # models/blip_diffusion/blipdiffusion (with controlnet/), as the workflows name it
 ANNOTATOR = "Annotators"  # models/annotators/Annotators/ControlNetHED.pth, as the workflows name it
@@ -47,19 +46,45 @@ def core_fixture() -> ReferenceFixture:
 
 
 @pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Callable[..., dict[str, np.ndarray]]:
+    """run(script, **request): a tools/reference/ script run in the pinned reference venv ($REFERENCE_PYTHON,
+    else .refvenv) on the JSON request; the arrays it saved. `make test` builds the venv: a missing one fails."""
+    python = Path(os.environ.get("REFERENCE_PYTHON", ROOT / ".refvenv" / "bin" / "python"))
+    if not python.is_file():
+        pytest.fail(f"the reference venv is missing ({python}): `make test` builds it")
+
+    def run(script: str, **request) -> dict[str, np.ndarray]:
+        folder = tmp_path_factory.mktemp("reference")
+        (folder / "request.json").write_text(json.dumps(request))
+        out = folder / "reference.npz"
+        subprocess.run(
+            [str(python), str(ROOT / "tools" / "reference" / script), str(folder / "request.json"), str(out)],
+            check=True,
+            timeout=900,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+        return dict(np.load(out))
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def micro_model(tmp_path_factory, core_fixture) -> Path:
     """The micro model the core fixtures were made from, regenerated bit for bit."""
     path = make_model(tmp_path_factory.mktemp("models") / "micro", size="micro")
     if weights_digest(path) != core_fixture.meta["digest"]:
-        pytest.fail("tests/fixtures/core_parity.npz was made from other weights than tools/make_tiny_model.py "
-                    "writes now: run `make fixtures` to regenerate it with the reference")
+        pytest.fail(
+            "tests/fixtures/core_parity.npz was made from other weights than tools/make_tiny_model.py "
+            "writes now: run `make fixtures` to regenerate it with the reference"
+        )
     return path
 
 
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
-    base = prepare_base(tmp_path_factory.mktemp("comfybase"),
-                        {"probe_pack": Path(__file__).parent / "comfy" / "probe_pack"})
+    base = prepare_base(
+        tmp_path_factory.mktemp("comfybase"), {"probe_pack": Path(__file__).parent / "comfy" / "probe_pack"}
+    )
     for image in (ROOT / "workflows" / "images").glob("*.jpg"):  # what the example workflows load
         (base / "input" / image.name).write_bytes(image.read_bytes())
     return base
@@ -97,13 +122,18 @@ def example_subject(comfy_base, tiny_model) -> str:
     import torch
     from PIL import Image
 
-    from blip_core import Subject, load_subject_encoder, save_subject
+    from blip_diffusion_nodes.blip_core.subject import Subject
+    from blip_diffusion_nodes.blip_core.subject_encoder import load_subject_encoder
+    from blip_diffusion_nodes.blip_core.subject_file import save_subject
 
     pixels = np.asarray(Image.open(ROOT / "workflows" / "images" / "blipd_example_cat.jpg").convert("RGB"))
     image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]  # as LoadImage makes it
     encoder = load_subject_encoder(comfy_base / "models" / "blip_diffusion" / tiny_model)
-    metadata = {"preprocess": "squash", "encoder": tiny_model,
-                "image_sha256": hashlib.sha256(image.numpy().tobytes()).hexdigest()}
+    metadata = {
+        "preprocess": "squash",
+        "encoder": tiny_model,
+        "image_sha256": hashlib.sha256(image.numpy().tobytes()).hexdigest(),
+    }
     name = "blipd_example_cat.safetensors"
     save_subject(Subject(encoder.encode(image, "cat"), "cat", metadata), comfy_base / "input" / name)
     return name

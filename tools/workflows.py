@@ -12,15 +12,12 @@ that the layout fits the front end's node sizes.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "ImageScale": ("width", "height")}
 # LiteGraph's geometry (front end 1.32): a node's body (title bar excluded) is one 20 px row per input/output
 # socket pair, 24 px per widget and 14 px of padding (10 more here, for air). The browser test checks that
 # every node is at least the front end's own minimum size and that no two nodes overlap.
@@ -31,17 +28,6 @@ IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
 NODE_WIDTH, WIDE_NODE_WIDTH = 320, 400  # nodes with a text box get the front end's default width for them
 TITLE_CHAR_WIDTH = 7.6  # the front end widens a node to its title: ~7.3 px a character in its default font
 COLUMN_BUDGET, COLUMN_GAP, ROW_GAP = 900, 50, 30  # px; ROW_GAP is free space between a node and the next title
-
-
-def shrink(prompt: dict, size: int = 128, steps: int = 3) -> dict:
-    """The same graph at a CPU-friendly size: smaller images and fewer sampler steps."""
-    prompt = json.loads(json.dumps(prompt))
-    for node in prompt.values():
-        for key in SIZE_INPUTS.get(node["class_type"], ()):
-            node["inputs"][key] = size
-        if "steps" in node["inputs"]:
-            node["inputs"]["steps"] = steps
-    return prompt
 
 
 def is_widget(spec: list) -> bool:
@@ -78,8 +64,10 @@ def layers(prompt: dict, depth: dict[str, int]) -> dict[str, int]:
         for v in entry["inputs"].values():
             if isinstance(v, list):
                 consumers[v[0]].append(node_id)
-    return {n: max(0, min(depth[c] for c in consumers[n]) - 1) if depth[n] == 0 and consumers[n] else depth[n]
-            for n in prompt}
+    return {
+        n: max(0, min(depth[c] for c in consumers[n]) - 1) if depth[n] == 0 and consumers[n] else depth[n]
+        for n in prompt
+    }
 
 
 def columns(layer: dict[str, int], heights: dict[str, float]) -> dict[str, int]:
@@ -87,6 +75,7 @@ def columns(layer: dict[str, int], heights: dict[str, float]) -> dict[str, int]:
     stays no taller than COLUMN_BUDGET or the tallest layer: a chain like sampler -> decode -> save takes
     one column, so even a deep graph stays narrow enough to read in a thumbnail.
     Filled from the right, where the short tail layers are."""
+
     def height(nodes):
         return sum(heights[n] + TITLE_HEIGHT for n in nodes) + ROW_GAP * (len(nodes) - 1)
 
@@ -125,8 +114,10 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
                     preview = True
             else:
                 inputs.append({"name": name, "type": spec[0], "link": None})
-        outputs = [{"name": name, "type": kind, "links": [], "slot_index": i}
-                   for i, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+        outputs = [
+            {"name": name, "type": kind, "links": [], "slot_index": i}
+            for i, (name, kind) in enumerate(zip(info["output_name"], info["output"]))
+        ]
         height = SLOT_HEIGHT * max(len(inputs), len(outputs)) + WIDGET_HEIGHT * len(widgets) + BODY_PADDING
         if multiline:
             height += MULTILINE_HEIGHT - WIDGET_HEIGHT
@@ -134,9 +125,19 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             height += IMAGE_PREVIEW_HEIGHT
         title = entry.get("_meta", {}).get("title", info.get("display_name", ""))
         width = max(WIDE_NODE_WIDTH if multiline else NODE_WIDTH, round(TITLE_CHAR_WIDTH * len(title)) + 10)
-        node = {"id": int(node_id), "type": entry["class_type"], "pos": [0, 0], "size": [width, height],
-                "flags": {}, "order": rank, "mode": 0, "inputs": inputs, "outputs": outputs,
-                "properties": {"Node name for S&R": entry["class_type"]}, "widgets_values": widgets}
+        node = {
+            "id": int(node_id),
+            "type": entry["class_type"],
+            "pos": [0, 0],
+            "size": [width, height],
+            "flags": {},
+            "order": rank,
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": outputs,
+            "properties": {"Node name for S&R": entry["class_type"]},
+            "widgets_values": widgets,
+        }
         if "_meta" in entry:
             node["title"] = entry["_meta"]["title"]
         nodes[node_id] = node
@@ -164,9 +165,16 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             origin["outputs"][origin_slot]["links"].append(link_id)
     # No saved view ("extra.ds"): the front end then fits the whole graph into the window on open, whatever
     # its size (a fixed offset put the first column under the menu bar).
-    return {"last_node_id": max(int(n) for n in prompt), "last_link_id": len(links),
-            "nodes": [nodes[n] for n in order], "links": links, "groups": [], "config": {},
-            "extra": {}, "version": 0.4}
+    return {
+        "last_node_id": max(int(n) for n in prompt),
+        "last_link_id": len(links),
+        "nodes": [nodes[n] for n in order],
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
 
 
 def write_ui_workflows(object_info: dict) -> list[Path]:
@@ -180,7 +188,7 @@ def write_ui_workflows(object_info: dict) -> list[Path]:
 
 
 def main() -> None:
-    from comfy_server import ComfyServer, prepare_base
+    from blip_diffusion_nodes.tools.comfy_server import ComfyServer, prepare_base
 
     with tempfile.TemporaryDirectory() as tmp:
         with ComfyServer(prepare_base(Path(tmp))) as comfy:

@@ -19,10 +19,11 @@ import pytest
 from blip_diffusion_nodes.tests.graphs import zero_shot
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBJECTS = {"cat": ROOT / "workflows" / "images" / "blipd_example_cat.jpg",
-            "cup": ROOT / "workflows" / "images" / "blipd_example_cup.jpg"}
-MAPPING = {"image": "Subject photo.image", "category": "3.subject", "prompt": "4.prompt", "seed": "7.seed",
-           "sku": None}
+SUBJECTS = {
+    "cat": ROOT / "workflows" / "images" / "blipd_example_cat.jpg",
+    "cup": ROOT / "workflows" / "images" / "blipd_example_cup.jpg",
+}
+MAPPING = {"image": "Subject photo.image", "category": "3.subject", "prompt": "4.prompt", "seed": "7.seed", "sku": None}
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +47,12 @@ def _ours(p: psutil.Process) -> bool:
     except psutil.Error:
         return False
     text = " ".join(cmd)
-    return (name in ("raylet", "gcs_server") or text.startswith("ray::") or "/site-packages/ray/" in text
-            or "blipd-batch-w" in text)
+    return (
+        name in ("raylet", "gcs_server")
+        or text.startswith("ray::")
+        or "/site-packages/ray/" in text
+        or "blipd-batch-w" in text
+    )
 
 
 @pytest.fixture(autouse=True)

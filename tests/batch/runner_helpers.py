@@ -12,16 +12,23 @@ from pathlib import Path
 import psutil
 import pytest
 
-from blip_diffusion_nodes.tools.comfy_server import COMFY_DIR
+from blip_diffusion_nodes.tools.comfy_server import comfyui_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def manifest_rows(count: int) -> list[dict]:
-    """Rows in subject runs (cat then cup), as a catalog would be: a worker re-encodes a subject only when it changes."""
-    return [{"image": f"{cat}.jpg", "category": cat, "prompt": ("on a beach", "in the snow")[i % 2],
-             "seed": str(100 + i), "sku": f"SKU-{i:03d}"}
-            for i, cat in enumerate(["cat"] * (count - count // 2) + ["cup"] * (count // 2))]
+    """Rows in subject runs (cat, then cup), as a catalog has them: a worker re-encodes only on a change of subject."""
+    return [
+        {
+            "image": f"{cat}.jpg",
+            "category": cat,
+            "prompt": ("on a beach", "in the snow")[i % 2],
+            "seed": str(100 + i),
+            "sku": f"SKU-{i:03d}",
+        }
+        for i, cat in enumerate(["cat"] * (count - count // 2) + ["cup"] * (count // 2))
+    ]
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -31,11 +38,27 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def runner_command(inputs: Path, manifest: Path, out: Path, base: Path, workers: int = 2, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "batch" / "run.py"), str(inputs / "workflow.json"), str(manifest),
-            "--mapping", str(inputs / "mapping.json"), "--out", str(out), "--workers", str(workers),
-            "--comfyui", str(COMFY_DIR), "--base-directory", str(base), "--no-progress-bar",
-            # One torch thread a server: on a shared 2-core machine two threads were several times slower.
-            "--cpus-per-worker", "1", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "batch" / "run.py"),
+        str(inputs / "workflow.json"),
+        str(manifest),
+        "--mapping",
+        str(inputs / "mapping.json"),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--comfyui",
+        str(comfyui_dir()),
+        "--base-directory",
+        str(base),
+        "--no-progress-bar",
+        # One torch thread a server: on a shared 2-core machine two threads were several times slower.
+        "--cpus-per-worker",
+        "1",
+        *extra,
+    ]
 
 
 def run_runner(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:

@@ -27,8 +27,7 @@ pytestmark = pytest.mark.batch
 ROOT = Path(__file__).resolve().parents[2]
 CAT = ROOT / "workflows" / "images" / "blipd_example_cat.jpg"
 CUP = ROOT / "workflows" / "images" / "blipd_example_cup.jpg"
-MAPPING = {"image": "Subject photo.image", "category": "3.subject", "prompt": "4.prompt", "seed": "7.seed",
-           "sku": None}
+MAPPING = {"image": "Subject photo.image", "category": "3.subject", "prompt": "4.prompt", "seed": "7.seed", "sku": None}
 
 
 @pytest.fixture
@@ -51,12 +50,15 @@ def test_targets_by_id_title_and_class(workflow):
     assert resolve_target(workflow, "EmptyLatentImage.width").kind == "int"
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("seed", "is not NODE.INPUT"),
-    ("42.seed", "no node with id, title or class type '42'"),
-    ("7.sead", "has no input 'sead'; its inputs: model, positive"),
-    ("3.image", "is connected to node 2"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("seed", "is not NODE.INPUT"),
+        ("42.seed", "no node with id, title or class type '42'"),
+        ("7.sead", "has no input 'sead'; its inputs: model, positive"),
+        ("3.image", "is connected to node 2"),
+    ],
+)
 def test_target_errors_say_what_is_wrong(workflow, spec, message):
     with pytest.raises(BatchError, match=message):
         resolve_target(workflow, spec)
@@ -74,9 +76,13 @@ def test_ui_format_workflow_is_refused_with_the_fix(tmp_path):
 
 
 def test_values_take_the_workflows_types(workflow, tmp_path):
-    jobs, failures = plan(workflow, tmp_path, "m.csv",
-                          "7.seed,7.cfg,4.prompt,EmptyLatentImage.width\n18446744073709551615,4.5,a red hat,128\n",
-                          mapping={})
+    jobs, failures = plan(
+        workflow,
+        tmp_path,
+        "m.csv",
+        "7.seed,7.cfg,4.prompt,EmptyLatentImage.width\n18446744073709551615,4.5,a red hat,128\n",
+        mapping={},
+    )
     assert not failures
     inputs = jobs[0].prompt
     assert inputs["7"]["inputs"]["seed"] == 2**64 - 1  # exact: no float on the way
@@ -87,21 +93,25 @@ def test_values_take_the_workflows_types(workflow, tmp_path):
 def test_bad_rows_fail_alone_with_the_column_named(workflow, tmp_path):
     shutil.copy(CAT, tmp_path / "cat.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
-    rows = [{"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": 1},
-            {"image": "missing.jpg", "category": "cat", "prompt": "p", "seed": 2},
-            {"image": "notes.txt", "category": "cat", "prompt": "p", "seed": 3},
-            {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": "three"},
-            {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": 5, "colour": "red"},
-            {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": 1, "sku": "other"},
-            {"image": "", "category": "cat", "prompt": "p", "seed": 7}]
+    rows = [
+        {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": 1},
+        {"image": "missing.jpg", "category": "cat", "prompt": "p", "seed": 2},
+        {"image": "notes.txt", "category": "cat", "prompt": "p", "seed": 3},
+        {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": "three"},
+        {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": 5, "colour": "red"},
+        {"image": "cat.jpg", "category": "cat", "prompt": "p", "seed": 1, "sku": "other"},
+        {"image": "", "category": "cat", "prompt": "p", "seed": 7},
+    ]
     jobs, failures = plan(workflow, tmp_path, "m.jsonl", "\n".join(map(json.dumps, rows)) + "\n{oops\n")
     assert [j.row for j in jobs] == [1]
     messages = {f.row: f.message for f in failures}
     assert "row 2: column 'image' (2.image): no image file" in messages[2] and "missing.jpg" in messages[2]
     assert "notes.txt is not a PNG, JPEG" in messages[3]
     assert "row 4: column 'seed' (7.seed): 'three' is not a whole number" in messages[4]
-    assert messages[5] == ("row 5: unknown column 'colour': map it to an input (--map colour=NODE.INPUT, or "
-                           "--map colour= to keep it as metadata) or name the column NODE.INPUT")
+    assert messages[5] == (
+        "row 5: unknown column 'colour': map it to an input (--map colour=NODE.INPUT, or "
+        "--map colour= to keep it as metadata) or name the column NODE.INPUT"
+    )
     assert "row 6: same inputs as row 1" in messages[6]
     assert "row 7: column 'image' (2.image): empty" in messages[7]
     assert "row 8: not valid JSON" in messages[8]
@@ -113,8 +123,9 @@ def test_csv_header_with_an_unknown_column_stops_everything(workflow, tmp_path):
 
 
 def test_csv_quoted_cells_keep_commas_and_newlines(workflow, tmp_path):
-    jobs, failures = plan(workflow, tmp_path, "m.csv", '4.prompt,7.seed\n"on a beach, at dusk\nwide shot",1\n',
-                          mapping={})
+    jobs, failures = plan(
+        workflow, tmp_path, "m.csv", '4.prompt,7.seed\n"on a beach, at dusk\nwide shot",1\n', mapping={}
+    )
     assert not failures and jobs[0].prompt["4"]["inputs"]["prompt"] == "on a beach, at dusk\nwide shot"
 
 
@@ -128,8 +139,12 @@ def test_key_is_the_inputs_not_the_row(workflow, tmp_path):
     shutil.copy(CAT, tmp_path / "a.jpg")
     shutil.copy(CAT, tmp_path / "b.jpg")  # same content under another name
     shutil.copy(CUP, tmp_path / "c.jpg")
-    jobs, failures = plan(workflow, tmp_path, "m.csv", "image,category,prompt,seed,sku\n"
-                          "a.jpg,cat,p,1,X\nc.jpg,cat,p,1,X\na.jpg,cat,p,2,X\na.jpg,cat,q,1,X\n")
+    jobs, failures = plan(
+        workflow,
+        tmp_path,
+        "m.csv",
+        "image,category,prompt,seed,sku\na.jpg,cat,p,1,X\nc.jpg,cat,p,1,X\na.jpg,cat,p,2,X\na.jpg,cat,q,1,X\n",
+    )
     moved, _ = plan(workflow, tmp_path, "n.csv", "sku,seed,prompt,category,image\nY,2,p,cat,b.jpg\nZ,1,p,cat,b.jpg\n")
     assert not failures and len({j.key for j in jobs}) == 4
     assert [j.key for j in moved] == [jobs[2].key, jobs[0].key]  # other rows, order, metadata and file name
@@ -140,8 +155,13 @@ def test_key_is_the_inputs_not_the_row(workflow, tmp_path):
 
 def test_names_from_a_template(workflow, tmp_path):
     shutil.copy(CAT, tmp_path / "a.jpg")
-    jobs, failures = plan(workflow, tmp_path, "m.csv", "image,category,prompt,seed,sku\n"
-                          "a.jpg,cat,p,1,shop/A 1\na.jpg,cat,p,2,shop/A 1\n", template="{sku}")
+    jobs, failures = plan(
+        workflow,
+        tmp_path,
+        "m.csv",
+        "image,category,prompt,seed,sku\na.jpg,cat,p,1,shop/A 1\na.jpg,cat,p,2,shop/A 1\n",
+        template="{sku}",
+    )
     assert jobs[0].name == "shop_A_1"
     assert failures[0].message == "row 2: output name 'shop_A_1' is also row 1's: make --name unique"
     with pytest.raises(BatchError, match="skew is not a manifest column"):
@@ -180,7 +200,17 @@ def test_store_writes_whole_files_once_and_resumes(tmp_path):
 def test_cli_says_why_nothing_can_run(tmp_path, workflow, capsys):
     (tmp_path / "wf.json").write_text(json.dumps(workflow))
     (tmp_path / "m.csv").write_text("image,category,colour\ncat.jpg,cat,red\n")
-    code = main([str(tmp_path / "wf.json"), str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"),
-                 "--map", "image=2.image", "--map", "category=3.subject"])
+    code = main(
+        [
+            str(tmp_path / "wf.json"),
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(tmp_path / "out"),
+            "--map",
+            "image=2.image",
+            "--map",
+            "category=3.subject",
+        ]
+    )
     assert code == 2
     assert "batch: manifest header: unknown column 'colour'" in capsys.readouterr().err

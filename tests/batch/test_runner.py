@@ -72,32 +72,44 @@ def test_twelve_jobs_on_two_workers(batch_inputs, comfy_base, tmp_path, env_for_
     summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
     assert (summary["done"], summary["failed"], summary["skipped"]) == (12, 0, 0)
     assert {w["name"]: w["jobs"] for w in summary["workers"]} == {
-        name: sum(s["worker"]["name"] == name for s in sidecars) for name in ("w0", "w1")}
+        name: sum(s["worker"]["name"] == name for s in sidecars) for name in ("w0", "w1")
+    }
     assert all(w["jobs"] > 0 for w in summary["workers"])
     assert "worker  host" in result.stderr and "done 12, failed 0" in result.stderr
     assert not (comfy_base / "input" / "blipd_batch").exists()  # the workers' uploads are gone
 
 
 def test_killed_server_and_killed_worker_lose_nothing(batch_inputs, comfy_base, tmp_path, env_for_runner):
-    """Mid-job: one worker's ComfyUI is killed, later the other worker's actor process. Every job still finishes once."""
+    """Mid-job: one worker's ComfyUI is killed, later the other worker's actor process. Every job finishes once."""
     rows = manifest_rows(12)
     manifest = write_csv(batch_inputs / "kill.csv", rows)
     out = tmp_path / "out"
-    proc = subprocess.Popen(runner_command(batch_inputs, manifest, out, comfy_base), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        runner_command(batch_inputs, manifest, out, comfy_base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: len(done_keys(out)) >= 2, 600, "2 jobs done", proc)
-        server, _, server_killed = wait_for(lambda: next((s for s in worker_servers() if executing(s[1])), None),
-                                            120, "a server executing a job", proc)
+        server, _, server_killed = wait_for(
+            lambda: next((s for s in worker_servers() if executing(s[1])), None), 120, "a server executing a job", proc
+        )
         server.kill()
         done_at_kill = len(done_keys(out))
         wait_for(lambda: len(done_keys(out)) >= done_at_kill + 2, 600, "2 more jobs", proc)
         actor_server, _, actor_killed = wait_for(
             lambda: next((s for s in worker_servers() if s[2] != server_killed and executing(s[1])), None),
-            120, "the other worker executing a job", proc)
+            120,
+            "the other worker executing a job",
+            proc,
+        )
         actor_server.parent().kill()  # the Ray actor process that owns this server
-        wait_for(lambda: not actor_server.is_running() or actor_server.status() == "zombie", 30,
-                 "the killed actor's ComfyUI to exit with it")
+        wait_for(
+            lambda: not actor_server.is_running() or actor_server.status() == "zombie",
+            30,
+            "the killed actor's ComfyUI to exit with it",
+        )
         output, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -137,25 +149,28 @@ def test_interrupted_run_resumes_with_the_rest(batch_inputs, comfy_base, tmp_pat
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.png")}
     assert len(kept) == len(first)
 
-    result = run_runner(command[:command.index("--workers") + 1] + ["1"] + command[command.index("--workers") + 2:])
+    result = run_runner(command[: command.index("--workers") + 1] + ["1"] + command[command.index("--workers") + 2 :])
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "batch_summary.json").read_text())
     assert (summary["skipped"], summary["done"], summary["failed"]) == (len(first), 8 - len(first), 0)
     check_outputs(out, rows, batch_inputs / "workflow.json")
-    assert {n: v for n, v in ((p.name, (p.stat().st_ino, p.stat().st_mtime_ns)) for p in out.glob("*.png"))
-            if n in kept} == kept  # the first run's files were not written again
+    assert {
+        n: v for n, v in ((p.name, (p.stat().st_ino, p.stat().st_mtime_ns)) for p in out.glob("*.png")) if n in kept
+    } == kept  # the first run's files were not written again
 
 
 def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, comfy_base, tmp_path, env_for_runner):
     good = manifest_rows(3)
-    rows = [good[0],
-            {**good[1], "image": "no_such_photo.jpg"},
-            {**good[1], "category": ""},
-            {**good[1], "colour": "red"},
-            good[1],
-            {**good[2], "seed": "abc"},
-            good[2],
-            {**good[2], "seed": "9", "4.image_weights": "1, 2"}]  # NODE.INPUT as a name; fails while running
+    rows = [
+        good[0],
+        {**good[1], "image": "no_such_photo.jpg"},
+        {**good[1], "category": ""},
+        {**good[1], "colour": "red"},
+        good[1],
+        {**good[2], "seed": "abc"},
+        good[2],
+        {**good[2], "seed": "9", "4.image_weights": "1, 2"},
+    ]  # NODE.INPUT as a name; fails while running
     manifest = batch_inputs / "bad_rows.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_runner(runner_command(batch_inputs, manifest, tmp_path / "out", comfy_base, 1))
@@ -165,13 +180,16 @@ def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, com
     errors = {f["row"]: f["error"] for f in summary["failures"]}
     assert errors[2].startswith("row 2: column 'image' (2.image): no image file ")
     assert errors[2].endswith("no_such_photo.jpg")
-    assert errors[3].startswith("row 3: ComfyUI refused the prompt: node 3 (BlipDiffusionSubjectEncoder) input "
-                                "'subject' (column 'category')")
+    assert errors[3].startswith(
+        "row 3: ComfyUI refused the prompt: node 3 (BlipDiffusionSubjectEncoder) input 'subject' (column 'category')"
+    )
     assert "the category is empty" in errors[3]
     assert errors[4].startswith("row 4: unknown column 'colour'")
     assert errors[6] == "row 6: column 'seed' (7.seed): 'abc' is not a whole number"
-    assert errors[8] == ("row 8: node 4 (BlipDiffusionMultimodalPromptFuse) raised ValueError: image_weights: "
-                         "expected 1 weights (one per subject image), got 2: '1, 2'")
+    assert errors[8] == (
+        "row 8: node 4 (BlipDiffusionMultimodalPromptFuse) raised ValueError: image_weights: "
+        "expected 1 weights (one per subject image), got 2: '1, 2'"
+    )
     for message in errors.values():
         assert f"failed: {message}" in result.stderr
     assert "retrying" not in result.stderr  # the job's own errors are not retried
@@ -184,8 +202,11 @@ def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, com
 def test_a_hung_job_is_retried_then_given_up(batch_inputs, comfy_base, tmp_path, env_for_runner):
     """A job that outlives --job-timeout counts as a hung server: restarted, retried --retries times, then failed."""
     manifest = write_csv(batch_inputs / "hung.csv", manifest_rows(1))
-    result = run_runner(runner_command(batch_inputs, manifest, tmp_path / "out", comfy_base, 1,
-                                       "--job-timeout", "0.5", "--retries", "1"))
+    result = run_runner(
+        runner_command(
+            batch_inputs, manifest, tmp_path / "out", comfy_base, 1, "--job-timeout", "0.5", "--retries", "1"
+        )
+    )
     assert result.returncode == 1, result.stderr
     summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
     assert (summary["done"], summary["failed"]) == (0, 1)

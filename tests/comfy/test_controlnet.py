@@ -9,9 +9,7 @@ random, so "control has an effect" means the output differs, not that it follows
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from comfy_server import execution_error
-from make_tiny_model import controlnet_config, diffusers_shapes, state_dict
+from blip_diffusion_nodes.tests.graphs import Graph, edges, previewed, probe, shrink, twin, zero_shot
+from blip_diffusion_nodes.tools.comfy_server import execution_error
+from blip_diffusion_nodes.tools.make_tiny_model import controlnet_config, diffusers_shapes, state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT, STEPS, SEED, CFG = 96, 64, 3, 7, 7.5
@@ -55,59 +54,69 @@ LOADED = (None, 0)  # apply(image=LOADED): the graph's LoadImage of control_imag
 
 def apply(image, strength=1.0, start=0.0, end=1.0, control_net=("cn", 0), node="BlipDiffusionControlNetApply") -> dict:
     """An apply node spec for generation(); it wires positive and negative."""
-    return {"class_type": node, "inputs": {"control_net": list(control_net), "image": list(image),
-                                           "strength": strength, "start_percent": start, "end_percent": end}}
+    return {
+        "class_type": node,
+        "inputs": {
+            "control_net": list(control_net),
+            "image": list(image),
+            "strength": strength,
+            "start_percent": start,
+            "end_percent": end,
+        },
+    }
 
 
-def generation(model: str, controls=(), control_image: str | None = None, controlnet: str | None = None,
-               batch: int = 1, steps: int = STEPS, prefix: str = "t_cn", residuals: str | None = None) -> dict:
+def generation(
+    model: str,
+    controls=(),
+    control_image: str | None = None,
+    controlnet: str | None = None,
+    batch: int = 1,
+    steps: int = STEPS,
+    prefix: str = "t_cn",
+    residuals: str | None = None,
+) -> Graph:
     """The stylization graph: subject -> fused prompt, negative, ControlNet applies in a chain, sampler, decode.
 
     `controls` are apply() node specs wired in order: their positive/negative inputs are replaced
     by the previous stage; an image of None means the LoadImage of `control_image`.
     """
-    g = {
-        "1": {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": model, "weight_dtype": "auto"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": SUBJECT}},
-        "3": {"class_type": "BlipDiffusionSubjectEncoder",
-              "inputs": {"subject_encoder": ["1", 3], "image": ["2", 0], "subject": CATEGORY, "preprocess": "squash"}},
-        "4": {"class_type": "BlipDiffusionMultimodalPromptFuse",
-              "inputs": {"clip": ["1", 1], "subject": ["3", 0], "prompt": PROMPT, "target_subject": TARGET,
-                         "prompt_strength": 1.0, "prompt_reps": 20, "multi_image": "average"}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": NEGATIVE}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": batch}},
-        "cn": {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": controlnet or model}},
-    }
+    g = zero_shot(
+        model,
+        image=SUBJECT,
+        subject=CATEGORY,
+        prompt=PROMPT,
+        target=TARGET,
+        negative=NEGATIVE,
+        size=WIDTH,
+        height=HEIGHT,
+        steps=steps,
+        seed=SEED,
+        cfg=CFG,
+        batch=batch,
+        prefix=prefix,
+    )
+    if controls:
+        g.add("BlipDiffusionControlNetLoader", "cn", model_name=controlnet or model)
     if control_image is not None:
-        g["ci"] = {"class_type": "LoadImage", "inputs": {"image": control_image}}
+        g.add("LoadImage", "ci", image=control_image)
     positive, negative = ["4", 0], ["5", 0]
     for i, spec in enumerate(controls):
-        node = json.loads(json.dumps(spec))
-        node["inputs"].update(positive=positive, negative=negative)
-        if node["inputs"]["image"] == [None, 0]:
-            node["inputs"]["image"] = ["ci", 0]
-        g[f"a{i}"] = node
+        inputs = json.loads(json.dumps(spec["inputs"]))
+        if inputs["image"] == [None, 0]:
+            inputs["image"] = ["ci", 0]
+        g.add(spec["class_type"], f"a{i}", **inputs, positive=positive, negative=negative)
         positive, negative = [f"a{i}", 0], [f"a{i}", 1]
-    model_out = ["1", 0]
+    g["7"]["inputs"].update(positive=positive, negative=negative)
     if residuals:
-        g["r"] = {"class_type": "ProbeControlResiduals", "inputs": {"model": ["1", 0], "name": residuals}}
-        model_out = ["r", 0]
-    g.update({
-        "7": {"class_type": "BlipDiffusionSampler",
-              "inputs": {"model": model_out, "positive": positive, "negative": negative, "latent_image": ["6", 0],
-                         "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "pndm", "scheduler": "reference",
-                         "denoise": 1.0}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
-    })
-    # unused loaders would still run and fail on a model without controlnet/
-    if not any(n["inputs"].get("control_net") == ["cn", 0] for n in g.values()):
-        del g["cn"]
+        g["7"]["inputs"]["model"] = g.add("ProbeControlResiduals", "r", model=["1", 0], name=residuals)
     return g
 
 
 def images(comfy, entry, node="9") -> np.ndarray:
-    return np.stack([comfy.image(entry, node, i) for i in range(len(entry["outputs"][node]["images"]))]).astype(np.int16)
+    return np.stack([comfy.image(entry, node, i) for i in range(len(entry["outputs"][node]["images"]))]).astype(
+        np.int16
+    )
 
 
 def run_images(comfy, graph) -> np.ndarray:
@@ -115,6 +124,7 @@ def run_images(comfy, graph) -> np.ndarray:
 
 
 # --- contract ----------------------------------------------------------------------------------
+
 
 def test_contract_inputs_and_defaults(comfy):
     info = comfy.get_json("/object_info")
@@ -124,56 +134,69 @@ def test_contract_inputs_and_defaults(comfy):
         return {**inputs["required"], **inputs.get("optional", {})}[name]
 
     assert info["BlipDiffusionControlNetApply"]["input_order"]["required"] == [
-        "positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent"]
+        "positive",
+        "negative",
+        "control_net",
+        "image",
+        "strength",
+        "start_percent",
+        "end_percent",
+    ]
     assert list(info["BlipDiffusionControlNetApply"]["input"]["optional"]) == ["vae"]
     assert info["BlipDiffusionControlNetApply"]["output"] == ["CONDITIONING", "CONDITIONING"]
-    assert [spec("BlipDiffusionControlNetApply", n)[1]["default"] for n in ("strength", "start_percent", "end_percent")] \
-        == [1.0, 0.0, 1.0]
+    assert [
+        spec("BlipDiffusionControlNetApply", n)[1]["default"] for n in ("strength", "start_percent", "end_percent")
+    ] == [1.0, 0.0, 1.0]
     assert info["BlipDiffusionControlNetLoader"]["output"] == ["CONTROL_NET"]
-    assert [spec("BlipDiffusionCannyEdges", n)[1]["default"] for n in ("low_threshold", "high_threshold", "resolution")] \
-        == [30, 70, 512]
-    assert info["BlipDiffusionHEDEdges"]["input_order"]["required"] == ["image", "annotator", "scribble", "safe", "resolution"]
+    assert [
+        spec("BlipDiffusionCannyEdges", n)[1]["default"] for n in ("low_threshold", "high_threshold", "resolution")
+    ] == [30, 70, 512]
+    assert info["BlipDiffusionHEDEdges"]["input_order"]["required"] == [
+        "image",
+        "annotator",
+        "scribble",
+        "safe",
+        "resolution",
+    ]
 
 
 def test_loader_lists_release_folder_and_controlnet_files(comfy, comfy_base, tiny_model):
     (comfy_base / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
     (comfy_base / "models" / "controlnet" / "listed.safetensors").write_bytes(b"")
-    options = comfy.get_json("/object_info/BlipDiffusionControlNetLoader")[
-        "BlipDiffusionControlNetLoader"]["input"]["required"]["model_name"][1]["options"]
+    options = comfy.get_json("/object_info/BlipDiffusionControlNetLoader")["BlipDiffusionControlNetLoader"]["input"][
+        "required"
+    ]["model_name"][1]["options"]
     assert tiny_model in options and "listed.safetensors" in options
     (comfy_base / "models" / "controlnet" / "listed.safetensors").unlink()
 
 
 # --- parity with the real reference ------------------------------------------------------------
 
-def reference_python() -> str:
-    path = os.environ.get("REFERENCE_PYTHON")
-    if path:
-        assert Path(path).is_file(), f"REFERENCE_PYTHON={path} does not exist"
-        return path
-    default = ROOT / ".refvenv" / "bin" / "python"
-    if not default.is_file():
-        pytest.skip("no reference venv: run `make test` (builds .refvenv) or set REFERENCE_PYTHON")
-    return str(default)
 
-
-def run_reference(comfy, tmp_path, model: str, control_image: str, **extra) -> np.lib.npyio.NpzFile:
-    request = {"model": str(comfy.base / "models" / "blip_diffusion" / model), "image": str(comfy.base / "input" / SUBJECT),
-               "subject": CATEGORY, "target": TARGET, "prompt": PROMPT, "negative": NEGATIVE, "seed": SEED,
-               "steps": STEPS, "guidance": CFG, "height": HEIGHT, "width": WIDTH, "strength": 1.0, "reps": 20,
-               "control_image": str(comfy.base / "input" / control_image), **extra}
-    (tmp_path / "request.json").write_text(json.dumps(request))
-    out = tmp_path / "reference.npz"
-    subprocess.run([reference_python(), str(ROOT / "tools" / "reference" / "run_pipeline.py"),
-                    str(tmp_path / "request.json"), str(out)], check=True, timeout=900,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    return np.load(out)
+def reference_request(comfy, model: str, control_image: str, **extra) -> dict:
+    return {
+        "model": str(comfy.base / "models" / "blip_diffusion" / model),
+        "image": str(comfy.base / "input" / SUBJECT),
+        "subject": CATEGORY,
+        "target": TARGET,
+        "prompt": PROMPT,
+        "negative": NEGATIVE,
+        "seed": SEED,
+        "steps": STEPS,
+        "guidance": CFG,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "strength": 1.0,
+        "reps": 20,
+        "control_image": str(comfy.base / "input" / control_image),
+        **extra,
+    }
 
 
 def compare_residuals(comfy, name: str, ref) -> float:
     """max |pack - reference| over the step-0 residuals of both CFG halves (reference order: uncond, cond)."""
     ours, _ = comfy.probe(name)
-    downs = sorted(k for k in ref.files if k.startswith("control0_down"))
+    downs = sorted(k for k in ref if k.startswith("control0_down"))
     assert len(downs) == len([k for k in ours if k.startswith("cond_down")]) > 0
     worst = 0.0
     for key in [*downs, "control0_mid"]:
@@ -191,9 +214,9 @@ def compare_images(pack: np.ndarray, ref) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def reference_defaults(comfy, tiny_model, control_image, tmp_path_factory):
+def reference_defaults(comfy, tiny_model, control_image, reference):
     """The real pipeline at its defaults on the tiny model, with the 70x100 control image."""
-    return run_reference(comfy, tmp_path_factory.mktemp("reference"), tiny_model, control_image)
+    return reference("run_pipeline.py", **reference_request(comfy, tiny_model, control_image))
 
 
 @pytest.mark.reference
@@ -212,8 +235,13 @@ def test_parity_with_reference_pipeline(comfy, tiny_model, control_image, refere
 def test_comfy_hint_resize_would_not_match(comfy, tiny_model, control_image, reference_defaults):
     """Why the apply node resizes hints itself: ComfyUI's own Apply ControlNet, same image and
     settings, crops and resizes nearest-exact, and its residuals miss the reference by far more."""
-    graph = generation(tiny_model, [apply(LOADED, node="ControlNetApplyAdvanced")], control_image,
-                       residuals="cn_stock", prefix="t_cn_stock")
+    graph = generation(
+        tiny_model,
+        [apply(LOADED, node="ControlNetApplyAdvanced")],
+        control_image,
+        residuals="cn_stock",
+        prefix="t_cn_stock",
+    )
     comfy.run_ok(graph)
     residual = compare_residuals(comfy, "cn_stock", reference_defaults)
     print(f"\nComfyUI's nearest-exact crop: residuals max|d|={residual:.2e}")
@@ -221,50 +249,60 @@ def test_comfy_hint_resize_would_not_match(comfy, tiny_model, control_image, ref
 
 
 @pytest.mark.reference
-def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_image, tmp_path):
+def test_strength_and_window_match_scaled_reference(comfy, tiny_model, control_image, reference):
     """strength 0.6 with end_percent 0.5 = the reference's residuals times 0.6 in the calls before the
     middle of the schedule and 0 after: with 3 steps the reference calls the model at t = 666, 333,
     333, 0, and end_percent 0.5 is t = 499.5."""
-    graph = generation(tiny_model, [apply(LOADED, strength=0.6, end=0.5)], control_image,
-                       residuals="cn_window", prefix="t_cn_window")
+    graph = generation(
+        tiny_model, [apply(LOADED, strength=0.6, end=0.5)], control_image, residuals="cn_window", prefix="t_cn_window"
+    )
     pack = run_images(comfy, graph)
-    ref = run_reference(comfy, tmp_path, tiny_model, control_image, control_scales=[0.6, 0.0, 0.0, 0.0])
+    ref = reference(
+        "run_pipeline.py", **reference_request(comfy, tiny_model, control_image, control_scales=[0.6, 0.0, 0.0, 0.0])
+    )
     residual = compare_residuals(comfy, "cn_window", ref)
     mean, worst = compare_images(pack, ref)
-    print(f"\nparity strength/window: residuals max|d|={residual:.2e}, image mean|d|={mean:.3f}/255 max|d|={worst:.0f}/255")
+    print(
+        f"\nparity strength/window: residuals max|d|={residual:.2e}, image mean|d|={mean:.3f}/255 "
+        f"max|d|={worst:.0f}/255"
+    )
     assert residual <= 1e-4
     assert mean <= 2.0 and worst <= 16
 
 
 # --- strength, windows, chains ------------------------------------------------------------------
 
+
 def test_strength_zero_is_the_zero_shot_output(comfy, tiny_model, control_image):
-    zero_shot = run_images(comfy, generation(tiny_model))
-    assert np.array_equal(run_images(comfy, generation(tiny_model, [apply(LOADED, strength=0.0)], control_image)),
-                          zero_shot)
+    uncontrolled = run_images(comfy, generation(tiny_model))
+    assert np.array_equal(
+        run_images(comfy, generation(tiny_model, [apply(LOADED, strength=0.0)], control_image)), uncontrolled
+    )
     controlled = run_images(comfy, generation(tiny_model, [apply(LOADED)], control_image))
-    assert np.abs(controlled - zero_shot).mean() > 1.0  # the ControlNet does act
+    assert np.abs(controlled - uncontrolled).mean() > 1.0  # the ControlNet does act
 
 
 def test_window_outside_the_schedule_is_no_control(comfy, tiny_model, control_image):
     """start_percent 0.9: the 3-step schedule's calls all lie before it (t = 666, 333, 333 > t(0.9) = 100)."""
-    zero_shot = run_images(comfy, generation(tiny_model))
+    uncontrolled = run_images(comfy, generation(tiny_model))
     late = run_images(comfy, generation(tiny_model, [apply(LOADED, start=0.9)], control_image))
-    assert np.array_equal(late, zero_shot)
+    assert np.array_equal(late, uncontrolled)
 
 
-def probe_chain(comfy, graph: dict, name: str):
+def probe_chain(comfy, graph: Graph, name: str):
     last = max(k for k in graph if k.startswith("a"))
-    probe = {"p": {"class_type": "ProbeSaveTensors", "inputs": {"name": name, "conditioning": [last, 0]}}}
-    keep = {k: v for k, v in graph.items() if k not in ("7", "8", "9")}
-    comfy.run_ok({**keep, **probe})
+    keep = Graph({k: v for k, v in graph.items() if k not in ("7", "8", "9")})
+    comfy.run_ok(probe(keep, "p", name, conditioning=[last, 0]))
     return comfy.probe(name)
 
 
 def test_two_controlnet_chain_adds_residuals(comfy, tiny_model, control_image_at_size):
     """Two ControlNets at 0.5 (this pack's, then ComfyUI's) = one at 1.0: residuals add up, and with a
     control image at the output size both hint policies give the same hint."""
-    halves = [apply(LOADED, strength=0.5, end=0.8), apply(LOADED, strength=0.5, end=0.8, node="ControlNetApplyAdvanced")]
+    halves = [
+        apply(LOADED, strength=0.5, end=0.8),
+        apply(LOADED, strength=0.5, end=0.8, node="ControlNetApplyAdvanced"),
+    ]
     chained = generation(tiny_model, halves, control_image_at_size, steps=2)
     tensors, meta = probe_chain(comfy, chained, "cn_chain")
     assert meta["control0"] == "[(0.5, 0.0, 0.8), (0.5, 0.0, 0.8)]"  # newest first
@@ -276,9 +314,15 @@ def test_two_controlnet_chain_adds_residuals(comfy, tiny_model, control_image_at
 
 
 def test_chain_after_stock_apply_and_with_itself(comfy, tiny_model, control_image):
-    graph = generation(tiny_model, [apply(LOADED, node="ControlNetApplyAdvanced", strength=0.3),
-                                    apply(LOADED, strength=0.7, start=0.1, end=0.9),
-                                    apply(LOADED, strength=1.2, start=0.2)], control_image)
+    graph = generation(
+        tiny_model,
+        [
+            apply(LOADED, node="ControlNetApplyAdvanced", strength=0.3),
+            apply(LOADED, strength=0.7, start=0.1, end=0.9),
+            apply(LOADED, strength=1.2, start=0.2),
+        ],
+        control_image,
+    )
     tensors, meta = probe_chain(comfy, graph, "cn_chain3")
     assert meta["control0"] == "[(1.2, 0.2, 1.0), (0.7, 0.1, 0.9), (0.3, 0.0, 1.0)]"
     assert tensors["hint0_0"].shape == (1, 3, 70, 100)  # attached as given; resized at sampling time
@@ -287,11 +331,11 @@ def test_chain_after_stock_apply_and_with_itself(comfy, tiny_model, control_imag
 
 # --- hint images: batch, channels --------------------------------------------------------------
 
-def batch_of_two(graph: dict) -> dict:
+
+def batch_of_two(graph: Graph) -> Graph:
     """The control image and its inverse as a batch of 2."""
-    graph["inv"] = {"class_type": "ImageInvert", "inputs": {"image": ["ci", 0]}}
-    graph["two"] = {"class_type": "ImageBatch", "inputs": {"image1": ["ci", 0], "image2": ["inv", 0]}}
-    graph["a0"]["inputs"]["image"] = ["two", 0]
+    inverse = graph.add("ImageInvert", "inv", image=["ci", 0])
+    graph["a0"]["inputs"]["image"] = graph.add("ImageBatch", "two", image1=["ci", 0], image2=inverse)
     return graph
 
 
@@ -304,7 +348,9 @@ def test_control_batch_must_be_one_or_one_per_latent(comfy, tiny_model, control_
 
 
 def test_one_control_image_per_latent(comfy, tiny_model, control_image):
-    per_latent = run_images(comfy, batch_of_two(generation(tiny_model, [apply(LOADED)], control_image, batch=2, steps=2)))
+    per_latent = run_images(
+        comfy, batch_of_two(generation(tiny_model, [apply(LOADED)], control_image, batch=2, steps=2))
+    )
     shared = run_images(comfy, generation(tiny_model, [apply(LOADED)], control_image, batch=2, steps=2))
     assert np.array_equal(per_latent[0], shared[0])  # latent 0 got the control image in both runs
     assert np.abs(per_latent[1] - shared[1]).mean() > 1.0  # latent 1 got its inverse
@@ -314,8 +360,7 @@ def test_one_control_image_per_latent(comfy, tiny_model, control_image):
 def test_gray_and_rgba_control_images(comfy, tiny_model, control_image, mode):
     """Documented: gray is repeated to RGB, alpha is dropped (the reference's convert("RGB"))."""
     graph = generation(tiny_model, [apply(LOADED)], control_image)
-    graph["ch"] = {"class_type": "ProbeImageChannels", "inputs": {"image": ["ci", 0], "mode": mode}}
-    graph["a0"]["inputs"]["image"] = ["ch", 0]
+    graph["a0"]["inputs"]["image"] = graph.add("ProbeImageChannels", "ch", image=["ci", 0], mode=mode)
     tensors, _ = probe_chain(comfy, graph, f"cn_{mode}")
     pixels = torch.from_numpy(control_pixels(70, 100)).float().div(255).movedim(-1, 0)[None]
     expected = pixels[:, :1].expand(-1, 3, -1, -1) if mode == "gray" else pixels
@@ -328,21 +373,31 @@ def test_controlnet_of_another_architecture_is_refused(comfy, comfy_base, tiny_m
     config = {**controlnet_config("tiny"), "cross_attention_dim": 2048}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
-    save_file(state_dict(diffusers_shapes(config), 1, torch.float16, "controlnet"),
-              str(folder / "diffusion_pytorch_model.safetensors"))
-    graph = generation(tiny_model, [apply(LOADED)], control_image, steps=2,
-                       controlnet="wide_context/diffusion_pytorch_model.safetensors")
+    save_file(
+        state_dict(diffusers_shapes(config), 1, torch.float16, "controlnet"),
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
+    graph = generation(
+        tiny_model,
+        [apply(LOADED)],
+        control_image,
+        steps=2,
+        controlnet="wide_context/diffusion_pytorch_model.safetensors",
+    )
     error = execution_error(comfy.run(graph))
     assert error and error["node_type"] == "BlipDiffusionControlNetApply"
     assert "2048" in error["exception_message"] and "768" in error["exception_message"]
 
 
 def test_start_after_end_is_an_error(comfy, tiny_model, control_image):
-    error = execution_error(comfy.run(generation(tiny_model, [apply(LOADED, start=0.7, end=0.3)], control_image, steps=2)))
+    error = execution_error(
+        comfy.run(generation(tiny_model, [apply(LOADED, start=0.7, end=0.3)], control_image, steps=2))
+    )
     assert error and "start_percent" in error["exception_message"] and "end_percent" in error["exception_message"]
 
 
 # --- loader: formats and errors ----------------------------------------------------------------
+
 
 def test_loader_formats_give_the_same_controlnet(comfy, comfy_base, tiny_model, control_image_at_size):
     """The release folder (.safetensors and pickle .bin), a diffusers folder in models/controlnet, and
@@ -358,18 +413,26 @@ def test_loader_formats_give_the_same_controlnet(comfy, comfy_base, tiny_model, 
     shutil.copy(release / "controlnet" / "config.json", as_bin / "controlnet" / "config.json")
     tensors = load_file(str(release / "controlnet" / "diffusion_pytorch_model.safetensors"))
     torch.save(tensors, as_bin / "controlnet" / "diffusion_pytorch_model.bin")
-    comfy.run_ok({"l": {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": tiny_model}},
-                  "s": {"class_type": "ProbeSaveControlNet", "inputs": {"control_net": ["l", 0],
-                                                                        "filename": "blipd_cn_ldm.safetensors"}}})
+    saved = Graph()
+    saved.add(
+        "ProbeSaveControlNet",
+        control_net=saved.add("BlipDiffusionControlNetLoader", model_name=tiny_model),
+        filename="blipd_cn_ldm.safetensors",
+    )
+    comfy.run_ok(saved)
 
     def image(controlnet, loader="BlipDiffusionControlNetLoader"):
         graph = generation(tiny_model, [apply(LOADED)], control_image_at_size, controlnet=controlnet, steps=2)
         if loader != "BlipDiffusionControlNetLoader":
-            graph["cn"] = {"class_type": loader, "inputs": {"control_net_name": controlnet}}
+            graph.add(loader, "cn", control_net_name=controlnet)
         return run_images(comfy, graph)
 
     expected = image(tiny_model)
-    for name in ("blipd_cn_bin", "sd-controlnet-scribble/diffusion_pytorch_model.safetensors", "blipd_cn_ldm.safetensors"):
+    for name in (
+        "blipd_cn_bin",
+        "sd-controlnet-scribble/diffusion_pytorch_model.safetensors",
+        "blipd_cn_ldm.safetensors",
+    ):
         assert np.array_equal(image(name), expected), name
     assert np.array_equal(image("blipd_cn_ldm.safetensors", loader="ControlNetLoader"), expected)
 
@@ -378,10 +441,11 @@ def test_release_folder_without_controlnet_weights(comfy, comfy_base, tiny_model
     folder = comfy_base / "models" / "blip_diffusion" / "blipd_cn_missing"
     (folder / "controlnet").mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text("{}")
-    shutil.copy(comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json",
-                folder / "controlnet" / "config.json")
-    entry = comfy.run({"l": {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": "blipd_cn_missing"}},
-                       "p": {"class_type": "PreviewAny", "inputs": {"source": ["l", 0]}}})
+    shutil.copy(
+        comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json",
+        folder / "controlnet" / "config.json",
+    )
+    entry = comfy.run(previewed("BlipDiffusionControlNetLoader", model_name="blipd_cn_missing"))
     error = execution_error(entry)
     assert error and error["node_type"] == "BlipDiffusionControlNetLoader"
     assert "controlnet/" in error["exception_message"] and "diffusion_pytorch_model" in error["exception_message"]
@@ -389,13 +453,9 @@ def test_release_folder_without_controlnet_weights(comfy, comfy_base, tiny_model
 
 # --- preprocessors -----------------------------------------------------------------------------
 
+
 def run_preprocessor(comfy, node: str, **inputs) -> np.ndarray:
-    entry = comfy.run_ok({
-        "1": {"class_type": "LoadImage", "inputs": {"image": SOURCE_PHOTO}},
-        "2": {"class_type": node, "inputs": {"image": ["1", 0], **inputs}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"t_{node}"}},
-    })
-    return comfy.image(entry, "3")
+    return comfy.image(comfy.run_ok(edges(node, SOURCE_PHOTO, prefix=f"t_{node}", **inputs)), "3")
 
 
 def photo(comfy) -> np.ndarray:
@@ -415,13 +475,16 @@ def test_canny_is_controlnet_aux_canny(comfy):
 def test_hed_is_controlnet_aux_hed_with_local_weights(comfy, hed_annotator, scribble, safe):
     from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
 
-    edges = run_preprocessor(comfy, "BlipDiffusionHEDEdges", annotator=hed_annotator, scribble=scribble, safe=safe,
-                             resolution=128)
+    edges = run_preprocessor(
+        comfy, "BlipDiffusionHEDEdges", annotator=hed_annotator, scribble=scribble, safe=safe, resolution=128
+    )
     network = ControlNetHED_Apache2()
-    network.load_state_dict(torch.load(comfy.base / "models" / "annotators" / hed_annotator / "ControlNetHED.pth",
-                                       weights_only=True))
-    expected = HEDdetector(network.float().eval())(photo(comfy), detect_resolution=128, image_resolution=128,
-                                                     safe=safe, scribble=scribble, output_type="np")
+    network.load_state_dict(
+        torch.load(comfy.base / "models" / "annotators" / hed_annotator / "ControlNetHED.pth", weights_only=True)
+    )
+    expected = HEDdetector(network.float().eval())(
+        photo(comfy), detect_resolution=128, image_resolution=128, safe=safe, scribble=scribble, output_type="np"
+    )
     assert edges.shape == expected.shape == (128, 192, 3)
     assert np.abs(edges.astype(int) - expected).max() <= 1  # thread counts may round a value differently
     levels = len(np.unique(edges))
@@ -431,12 +494,9 @@ def test_hed_is_controlnet_aux_hed_with_local_weights(comfy, hed_annotator, scri
 def test_hed_without_annotator_file_names_file_and_folder(comfy, comfy_base):
     (comfy_base / "models" / "annotators" / "no_weights").mkdir(parents=True, exist_ok=True)
     for name, expected in (("no_weights", "ControlNetHED.pth"), ("nowhere", "not found"), ("../input", "not a path")):
-        status, body = comfy.submit({
-            "1": {"class_type": "LoadImage", "inputs": {"image": SOURCE_PHOTO}},
-            "2": {"class_type": "BlipDiffusionHEDEdges", "inputs": {"image": ["1", 0], "annotator": name,
-                                                                    "scribble": False, "safe": False, "resolution": 128}},
-            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
-        })
+        status, body = comfy.submit(
+            edges("BlipDiffusionHEDEdges", SOURCE_PHOTO, annotator=name, scribble=False, safe=False, resolution=128)
+        )
         assert status == 400, body
         message = json.dumps(body["node_errors"])
         assert expected in message and "annotators" in message, message
@@ -446,18 +506,14 @@ def test_hed_without_annotator_file_names_file_and_folder(comfy, comfy_base):
 
 # --- the example workflows ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["controlnet_canny_stylization", "controlnet_scribble", "controlnet_multi"])
 def test_workflow_runs(comfy, name):
     """The API twin as shipped, made small for the CPU (64x64, 2 steps, preprocessors at 128)."""
-    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    prompt = shrink(twin(name), size=64, steps=2)
     for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif node["class_type"] == "BlipDiffusionSampler":
-            inputs.update(steps=2)
-        elif node["class_type"] in ("BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges"):
-            inputs.update(resolution=128)
+        if node["class_type"] in ("BlipDiffusionCannyEdges", "BlipDiffusionHEDEdges"):
+            node["inputs"].update(resolution=128)
     entry = comfy.run_ok(prompt)
     save = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
     assert comfy.image(entry, save).shape == (64, 64, 3)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from graphs import probe, zero_shot
-from make_tiny_model import make_model
+from blip_diffusion_nodes.tests.graphs import probe, zero_shot
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
 
 @pytest.fixture(scope="module")
 def full_model(comfy, comfy_base):
     """Released shapes and key names (1.56 B parameters), fp16 to halve the disk; deleted afterwards."""
     import shutil
+
     folder = make_model(comfy_base / "models" / "blip_diffusion" / "full-bin", size="full", fmt="bin")
     yield folder.name
     comfy.request("POST", "/free", {"unload_models": True, "free_memory": True})
@@ -25,6 +26,4 @@ def test_full_size_bin_folder_loads_and_generates(comfy, full_model):
     entry = comfy.run_ok(graph, timeout=1200)
     tensors, _ = comfy.probe("full_subject")
     assert tensors["subject"].shape == (1, 16, 768) and tensors["cond0"].shape == (1, 77, 768)
-    assert comfy.image(entry, "9").shape == (64, 64, 3)
-    log = comfy.log.read_text()
-    assert "unet missing" not in log and "unet unexpected" not in log
+    assert comfy.image(entry, "9").shape == (64, 64, 3)  # the loader refuses missing or unexpected UNet tensors

@@ -5,15 +5,14 @@ input must give a clear error (node, input, what was expected) in the HTTP 400 b
 /history, never take the server down, never lose queued work, never run code from a weights
 file and never read outside the pack's folders. Every row of the matrix is a case here: a
 test marked `@covers("<id>")` or a parametrized case with the row's id as its pytest id;
-`test_matrix_doc_lists_exactly_the_tested_rows` keeps the doc and the tests in sync. After each runtime error, and after each group of
-HTTP 400 cases (those never reach the executor), the next valid prompt must succeed.
+`test_matrix_doc_lists_exactly_the_tested_rows` keeps the doc and the tests in sync. After each
+runtime error, and after each group of HTTP 400 cases (those never reach the executor), the next
+valid prompt must succeed.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import itertools
 import json
 import math
 import re
@@ -24,9 +23,9 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import aiohttp
 import numpy as np
@@ -36,86 +35,54 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfy_server import execution_error
-from graphs import probe, zero_shot
+from blip_diffusion_nodes.tests.comfy.reliability import (
+    CAT,
+    all_covered_rows,
+    covers,
+    failed,
+    healthy,
+    rejected,
+    rows,
+    small,
+)
+from blip_diffusion_nodes.tests.graphs import (
+    Graph,
+    SubjectGraph,
+    edges,
+    inversion,
+    loaded_subject,
+    previewed,
+    probe,
+)
+from blip_diffusion_nodes.tools.comfy_server import execution_error
+from blip_diffusion_nodes.tools.lint_safety import CHECKS as LINT_CHECKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
-CAT = "blipd_example_cat.jpg"
-COVERED: set[str] = set()  # matrix rows the tests below cover
-
-
-def rows(*ids: str) -> tuple[str, ...]:
-    """Register matrix row ids covered by a test (or by the cases of a parametrized test)."""
-    COVERED.update(ids)
-    return ids
-
-
-def covers(*ids: str):
-    rows(*ids)
-    return lambda test: test
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-_seeds = itertools.count(1000)  # a fresh seed per prompt: the sampler really runs, not ComfyUI's cache
-
-
-def small(model: str, **kwargs) -> dict:
-    """The zero-shot graph at its cheapest that still runs the UNet: 64x64, two steps (a single
-    reference step is the release's no-op last step, which makes no model call)."""
-    return zero_shot(model, **{"size": 64, "steps": 2, "seed": next(_seeds), "prefix": "rel", **kwargs})
-
-
-def healthy(comfy, model: str) -> None:
-    """The next valid prompt succeeds and saves its image."""
-    entry = comfy.run_ok(small(model, prefix="rel_healthy"))
-    assert comfy.image(entry, "9").shape == (64, 64, 3)
-
-
-def rejected(comfy, prompt: dict, node: str, input_name: str, *expected: str) -> str:
-    """HTTP 400, nothing queued: an error of node `node` for `input_name` whose text holds `expected`."""
-    status, body = comfy.submit(prompt)
-    assert status == 400, body
-    errors = body["node_errors"]
-    assert list(errors) == [node], errors
-    texts = [f"{e['message']}: {e['details']}" for e in errors[node]["errors"]
-             if e.get("extra_info", {}).get("input_name") == input_name]
-    assert any(all(x in text for x in expected) for text in texts), (expected, errors)
-    return texts[0]
-
-
-def failed(comfy, prompt: dict, node_type: str, *expected: str) -> str:
-    """Queued, then a runtime error in /history from a `node_type` node whose message holds `expected`."""
-    error = execution_error(comfy.run(prompt))
-    assert error is not None, "the prompt ran without an error"
-    assert error["node_type"] == node_type, error
-    message = error["exception_message"]
-    for text in expected:
-        assert text in message, (text, message)
-    return message
-
-
-def loader_graph(model_name: str, node: str = "BlipDiffusionLoader") -> dict:
-    return {"1": {"class_type": node, "inputs": {"model_name": model_name, "weight_dtype": "auto"}},
-            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
 
 
 # --- the matrix doc ------------------------------------------------------------------------------
+
 
 def doc_ids() -> list[str]:
     return re.findall(r"^\| `([a-z0-9-]+)` \|", DOC.read_text(encoding="utf-8"), flags=re.M)
 
 
 def test_matrix_doc_lists_exactly_the_tested_rows():
+    """Rows are covered by the server tests (any tests/comfy module registers its rows with covers()), or by the
+    static checks `make lint` runs (tools/lint_safety.py)."""
     ids = doc_ids()
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
-    assert set(ids) == COVERED, {"in the doc, not tested": sorted(set(ids) - COVERED),
-                                 "tested, not in the doc": sorted(COVERED - set(ids))}
+    covered = all_covered_rows() | set(LINT_CHECKS)
+    assert set(ids) == covered, {
+        "in the doc, not tested": sorted(set(ids) - covered),
+        "tested, not in the doc": sorted(covered - set(ids)),
+    }
     assert len(ids) >= 25
 
 
 # --- hostile model folders -----------------------------------------------------------------------
+
 
 class Payload:
     """Pickles to a call of open(marker, "w"): loading it unsafely creates the marker file."""
@@ -151,6 +118,7 @@ def _config_and(write):
         dst.mkdir()
         shutil.copy(tiny / dst.name / "config.json", dst / "config.json")
         write(dst, tiny, marker)
+
     return build
 
 
@@ -160,6 +128,7 @@ def truncated(file: str):
             header = int.from_bytes(f.read(8), "little")
             f.seek(0)
             (dst / file).write_bytes(f.read(8 + header + (1 << 20)))
+
     return _config_and(write)
 
 
@@ -180,13 +149,23 @@ def bad_json(dst: Path, tiny: Path, marker: Path) -> None:
 
 def sd2_unet(dst: Path, tiny: Path, marker: Path) -> None:
     """An SD-2-shaped UNet (1024-wide cross-attention, linear projections) of the tiny model's size, all zeros."""
-    from make_tiny_model import diffusers_shapes, unet_config, write_json
-    config = unet_config("tiny") | {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                                     "use_linear_projection": True}
+    from blip_diffusion_nodes.tools.make_tiny_model import diffusers_shapes, unet_config, write_json
+
+    config = unet_config("tiny") | {
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+    }
     dst.mkdir()
     write_json(dst / "config.json", config)
-    save_file({k: torch.zeros(shape, dtype=torch.float16) for k, (shape, dtype) in diffusers_shapes(config).items()
-               if dtype.is_floating_point}, str(dst / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {
+            k: torch.zeros(shape, dtype=torch.float16)
+            for k, (shape, dtype) in diffusers_shapes(config).items()
+            if dtype.is_floating_point
+        },
+        str(dst / "diffusion_pytorch_model.safetensors"),
+    )
 
 
 UNET_W = "diffusion_pytorch_model.safetensors"
@@ -197,24 +176,62 @@ HOSTILE = [
     Hostile("model-no-unet", "unet", None, ("unet/config.json", f"unet/{UNET_W}")),
     Hostile("model-no-vae", "vae", None, (f"vae/{UNET_W}",)),
     Hostile("model-bad-config", "unet", bad_json, ("unet/config.json is not valid JSON",)),
-    Hostile("weights-truncated-qformer", "qformer", truncated("model.safetensors"),
-            ("qformer/model.safetensors is not a readable .safetensors file (truncated or corrupt?)",)),
-    Hostile("weights-truncated-unet", "unet", truncated(UNET_W),
-            (f"unet/{UNET_W} is not a readable .safetensors file (truncated or corrupt?)",)),
-    *(Hostile(f"weights-pickle-{part.replace('_', '-')}", part, pickled(file),
-              (f"refused to load", f"{part}/{file}", "weights_only=True rejected it: it would import or call io.open"))
-      for part, file in (("qformer", "pytorch_model.bin"), ("text_encoder", "pytorch_model.bin"),
-                         ("unet", "diffusion_pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin"))),
-    Hostile("arch-unet-sd2", "unet", sd2_unet,
-            ("reads this UNet as SD20 (cross-attention context 1024)", "needs an SD-1.5 UNet")),
-    Hostile("arch-unet-holds-vae", "unet", weights_of("vae", UNET_W, UNET_W),
-            (f"unet/{UNET_W} does not match its config.json", "unexpected tensors ['decoder.")),
-    Hostile("arch-text-encoder-holds-qformer", "text_encoder", weights_of("qformer", "model.safetensors", "model.safetensors"),
-            ("text_encoder/model.safetensors is not SD-1.5's CLIP-L text encoder", "missing text_model.")),
-    Hostile("arch-qformer-holds-text-encoder", "qformer", weights_of("text_encoder", "model.safetensors", "model.safetensors"),
-            ("qformer/model.safetensors does not match the expected model", "unexpected: text_model.")),
-    Hostile("arch-vae-holds-unet", "vae", weights_of("unet", UNET_W, UNET_W),
-            (f"vae/{UNET_W} holds no VAE that ComfyUI recognises", "AutoencoderKL")),
+    Hostile(
+        "weights-truncated-qformer",
+        "qformer",
+        truncated("model.safetensors"),
+        ("qformer/model.safetensors is not a readable .safetensors file (truncated or corrupt?)",),
+    ),
+    Hostile(
+        "weights-truncated-unet",
+        "unet",
+        truncated(UNET_W),
+        (f"unet/{UNET_W} is not a readable .safetensors file (truncated or corrupt?)",),
+    ),
+    *(
+        Hostile(
+            f"weights-pickle-{part.replace('_', '-')}",
+            part,
+            pickled(file),
+            ("refused to load", f"{part}/{file}", "weights_only=True rejected it: it would import or call io.open"),
+        )
+        for part, file in (
+            ("qformer", "pytorch_model.bin"),
+            ("text_encoder", "pytorch_model.bin"),
+            ("unet", "diffusion_pytorch_model.bin"),
+            ("vae", "diffusion_pytorch_model.bin"),
+        )
+    ),
+    Hostile(
+        "arch-unet-sd2",
+        "unet",
+        sd2_unet,
+        ("reads this UNet as SD20 (cross-attention context 1024)", "needs an SD-1.5 UNet"),
+    ),
+    Hostile(
+        "arch-unet-holds-vae",
+        "unet",
+        weights_of("vae", UNET_W, UNET_W),
+        (f"unet/{UNET_W} does not match its config.json", "unexpected tensors ['decoder."),
+    ),
+    Hostile(
+        "arch-text-encoder-holds-qformer",
+        "text_encoder",
+        weights_of("qformer", "model.safetensors", "model.safetensors"),
+        ("text_encoder/model.safetensors is not SD-1.5's CLIP-L text encoder", "missing text_model."),
+    ),
+    Hostile(
+        "arch-qformer-holds-text-encoder",
+        "qformer",
+        weights_of("text_encoder", "model.safetensors", "model.safetensors"),
+        ("qformer/model.safetensors does not match the expected model", "unexpected: text_model."),
+    ),
+    Hostile(
+        "arch-vae-holds-unet",
+        "vae",
+        weights_of("unet", UNET_W, UNET_W),
+        (f"vae/{UNET_W} holds no VAE that ComfyUI recognises", "AutoencoderKL"),
+    ),
 ]
 rows(*(case.id for case in HOSTILE))
 
@@ -249,8 +266,12 @@ def test_the_pickle_payload_is_live(tmp_path):
     """Control for the pickle cases: loaded unsafely, the payload does create its marker."""
     bomb, marker = tmp_path / "bomb.bin", tmp_path / "pwned"
     pickle_bomb(bomb, marker)
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(bomb)!r}, weights_only=False)"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(bomb)!r}, weights_only=False)"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert marker.exists()
 
 
@@ -259,7 +280,7 @@ def test_hostile_model_folder(comfy, tiny_model, hostile_models, markers, case):
     graph = small(hostile_models[case.id], prefix="rel_hostile")
     # Not run (no output uses it), but in the prompt: ComfyUI keeps the tiny model's loaded outputs cached
     # for the health check instead of loading it again after every case.
-    graph["99"] = {"class_type": "BlipDiffusionLoader", "inputs": {"model_name": tiny_model, "weight_dtype": "auto"}}
+    graph.add("BlipDiffusionLoader", "99", model_name=tiny_model, weight_dtype="auto")
     if case.expected:
         message = failed(comfy, graph, "BlipDiffusionLoader", *case.expected)
         assert hostile_models[case.id] in message  # names the folder
@@ -289,8 +310,14 @@ def test_subject_encoder_file_of_another_kind(comfy, comfy_base, tiny_model):
     path = comfy_base / "models" / "blip_diffusion" / "rel-lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(path))
     try:
-        failed(comfy, loader_graph(path.name, "BlipDiffusionSubjectEncoderLoader"), "BlipDiffusionSubjectEncoderLoader",
-               "rel-lora.safetensors does not match the expected model", "missing: ", "unexpected: lora_unet_")
+        failed(
+            comfy,
+            previewed("BlipDiffusionSubjectEncoderLoader", model_name=path.name, weight_dtype="auto"),
+            "BlipDiffusionSubjectEncoderLoader",
+            "rel-lora.safetensors does not match the expected model",
+            "missing: ",
+            "unexpected: lora_unet_",
+        )
     finally:
         path.unlink()
     healthy(comfy, tiny_model)
@@ -299,28 +326,42 @@ def test_subject_encoder_file_of_another_kind(comfy, comfy_base, tiny_model):
 # --- widget values refused before queueing (HTTP 400) ----------------------------------------------
 
 NAMES = [  # (row, node class, model_name, expected)
-    ("loader-name-dotdot", "BlipDiffusionLoader", "../blip_diffusion_subjects",
-     ("model_name: BLIP-Diffusion model '../blip_diffusion_subjects' must be a name inside models/blip_diffusion",
-      "not a path")),
+    (
+        "loader-name-dotdot",
+        "BlipDiffusionLoader",
+        "../blip_diffusion_subjects",
+        (
+            "model_name: BLIP-Diffusion model '../blip_diffusion_subjects' must be a name inside models/blip_diffusion",
+            "not a path",
+        ),
+    ),
     ("loader-name-absolute", "BlipDiffusionLoader", "/etc", ("'/etc' must be a name inside models/blip_diffusion",)),
-    ("loader-name-missing", "BlipDiffusionLoader", "rel-not-there",
-     ("'rel-not-there' not found in models/blip_diffusion (searched: ",)),
-    ("encoder-loader-name-dotdot", "BlipDiffusionSubjectEncoderLoader", "../../user/x.safetensors",
-     ("model_name: subject encoder '../../user/x.safetensors' must be a name inside models/blip_diffusion",)),
+    (
+        "loader-name-missing",
+        "BlipDiffusionLoader",
+        "rel-not-there",
+        ("'rel-not-there' not found in models/blip_diffusion (searched: ",),
+    ),
+    (
+        "encoder-loader-name-dotdot",
+        "BlipDiffusionSubjectEncoderLoader",
+        "../../user/x.safetensors",
+        ("model_name: subject encoder '../../user/x.safetensors' must be a name inside models/blip_diffusion",),
+    ),
 ]
 rows(*(row for row, *_ in NAMES))
 
 
 @pytest.mark.parametrize("row, node, name, expected", NAMES, ids=[n[0] for n in NAMES])
 def test_loader_names_outside_the_model_folder(comfy, row, node, name, expected):
-    rejected(comfy, loader_graph(name, node), "1", "model_name", *expected)
+    rejected(comfy, previewed(node, model_name=name, weight_dtype="auto"), "1", "model_name", *expected)
 
 
 STALE = [  # (row, node id in zero_shot, input, value, choice that the message lists)
     ("combo-weight-dtype", "1", "weight_dtype", "fp8", "auto, fp32, fp16, bf16"),
     ("combo-preprocess", "3", "preprocess", "center", "squash, crop"),
     ("combo-multi-image", "4", "multi_image", "per_latent", "average, per latent"),
-    ("combo-sampler", "7", "sampler_name", "plms", "pndm, euler"),
+    ("combo-sampler", "7", "sampler_name", "plms", "pndm, reference_ddim, euler"),
     ("combo-scheduler", "7", "scheduler", "pndm", "reference, simple"),
 ]
 rows(*(row for row, *_ in STALE))
@@ -342,8 +383,14 @@ def test_zero_steps_are_refused(comfy, tiny_model):
 @covers("subject-empty", "subject-whitespace")
 @pytest.mark.parametrize("subject", ["", " \t\n "], ids=["subject-empty", "subject-whitespace"])
 def test_empty_subject_is_refused(comfy, tiny_model, subject):
-    rejected(comfy, small(tiny_model, subject=subject), "3", "subject", "subject: the category is empty",
-             "name what the image shows")
+    rejected(
+        comfy,
+        small(tiny_model, subject=subject),
+        "3",
+        "subject",
+        "subject: the category is empty",
+        "name what the image shows",
+    )
 
 
 def test_healthy_after_the_refused_values(comfy, tiny_model):
@@ -371,15 +418,19 @@ def text_run(comfy, comfy_base, tiny_model):
     assert all(f"{word}</w>" in vocab for word in WORDS)  # whole words of CLIP's BPE: words(n) is n tokens
     graph = small(tiny_model, prompt=words(2000), negative=words(2000), prefix="rel_long_text")
     for i, n in enumerate((*LENGTHS, TEXT_FIT)):
-        graph[f"3{i}"] = {"class_type": "BlipDiffusionMultimodalPromptFuse",
-                          "inputs": {**graph["4"]["inputs"], "prompt": words(n)}}
+        graph.add("BlipDiffusionMultimodalPromptFuse", f"3{i}", **{**graph["4"]["inputs"], "prompt": words(n)})
         probe(graph, f"4{i}", f"rel_prompt_{n}", conditioning=[f"3{i}", 0])
-        graph[f"5{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": words(n)}}
+        graph.add("CLIPTextEncode", f"5{i}", clip=["1", 1], text=words(n))
         probe(graph, f"6{i}", f"rel_negative_{n}", conditioning=[f"5{i}", 0])
     entry = comfy.run_ok(graph)
-    return {"image": comfy.image(entry, "9"),
-            **{f"{kind}_{n}": comfy.probe(f"rel_{kind}_{n}")[0]["cond0"]
-               for kind in ("prompt", "negative") for n in (*LENGTHS, TEXT_FIT)}}
+    return {
+        "image": comfy.image(entry, "9"),
+        **{
+            f"{kind}_{n}": comfy.probe(f"rel_{kind}_{n}")[0]["cond0"]
+            for kind in ("prompt", "negative")
+            for n in (*LENGTHS, TEXT_FIT)
+        },
+    }
 
 
 @covers(*(f"prompt-{n}" for n in LENGTHS))
@@ -407,8 +458,14 @@ def test_negative_of_any_length(text_run, n):
 @covers("text-non-ascii")
 def test_non_ascii_text_everywhere(comfy, tiny_model):
     subject = "chat noir 🐈 猫"
-    graph = small(tiny_model, subject=subject, prompt="nage sous l'eau, 水中で泳ぐ 🐟 עברית", target="Kätzchen",
-                  negative="schlecht, 悪い 👎", prefix="rel_non_ascii")
+    graph = small(
+        tiny_model,
+        subject=subject,
+        prompt="nage sous l'eau, 水中で泳ぐ 🐟 עברית",
+        target="Kätzchen",
+        negative="schlecht, 悪い 👎",
+        prefix="rel_non_ascii",
+    )
     probe(graph, "20", "rel_non_ascii", subject=["3", 0])
     entry = comfy.run_ok(graph)
     assert comfy.image(entry, "9").shape == (64, 64, 3)
@@ -416,6 +473,7 @@ def test_non_ascii_text_everywhere(comfy, tiny_model):
 
 
 # --- subject images and masks ------------------------------------------------------------------------
+
 
 def png16(path: Path, rgb: np.ndarray) -> None:
     """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
@@ -426,8 +484,9 @@ def png16(path: Path, rgb: np.ndarray) -> None:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -460,33 +519,23 @@ def images(comfy):
         (comfy.base / "input" / name).unlink(missing_ok=True)
 
 
-class Graph:
-    """An API-format prompt built node by node, starting from a Loader; `out` returns a node's first socket."""
+class Encodings(SubjectGraph):
+    """Encodes images as "cat", probing each subject."""
 
     def __init__(self, model: str):
-        self.nodes: dict[str, dict] = {}
-        self.model = self.out("BlipDiffusionLoader", model_name=model, weight_dtype="auto")[0]
+        super().__init__(model)
         self.probes: list[str] = []
-
-    def out(self, class_type: str, **inputs) -> list:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return [node_id, 0]
-
-    def image(self, name: str) -> list:
-        return self.out("LoadImage", image=name)
 
     def encode(self, image: list, preprocess: str = "squash", **mask) -> list:
         """Encode `image` as a "cat" and probe the subject (`run` returns the subjects in this order)."""
-        subject = self.out("BlipDiffusionSubjectEncoder", subject_encoder=[self.model, 3], image=image, subject="cat",
-                           preprocess=preprocess, **mask)
+        subject = super().encode(image, "cat", preprocess, **mask)
         self.probes.append(f"rel_subject_{len(self.probes)}")
-        self.out("ProbeSaveTensors", name=self.probes[-1], subject=subject)
+        probe(self, None, self.probes[-1], subject=subject)
         return subject
 
     def run(self, comfy) -> list[torch.Tensor]:
         """Run it; the subject embeddings in the order encoded, each checked to be one finite [1,16,768]."""
-        comfy.run_ok(self.nodes)
+        comfy.run_ok(self)
         found = [comfy.probe(name)[0]["subject"] for name in self.probes]
         for subject in found:
             assert subject.shape == (1, 16, 768) and torch.isfinite(subject).all()
@@ -494,7 +543,7 @@ class Graph:
 
 
 def encoded(comfy, tiny_model, *names: str, preprocess: str = "squash") -> list[torch.Tensor]:
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     for name in names:
         g.encode(g.image(name), preprocess)
     return g.run(comfy)
@@ -535,10 +584,10 @@ def test_rgba_file_alpha_is_dropped(comfy, tiny_model, images):
 @covers("image-rgba-tensor")
 def test_rgba_image_tensor_alpha_is_dropped(comfy, tiny_model, images):
     """A 4-channel IMAGE (stock JoinImageWithAlpha): the encoder ignores alpha, as the reference does."""
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     rgb = g.image(images["rgb"])
-    alpha = g.out("SolidMask", value=0.3, width=80, height=96)
-    g.encode(g.out("JoinImageWithAlpha", image=rgb, alpha=alpha))
+    alpha = g.add("SolidMask", value=0.3, width=80, height=96)
+    g.encode(g.add("JoinImageWithAlpha", image=rgb, alpha=alpha))
     g.encode(rgb)
     with_alpha, without = g.run(comfy)
     assert torch.equal(with_alpha, without)
@@ -547,10 +596,10 @@ def test_rgba_image_tensor_alpha_is_dropped(comfy, tiny_model, images):
 @covers("image-16bit-gray")
 def test_16_bit_gray_subject(comfy, tiny_model, images):
     """Works, but ComfyUI's LoadImage converts 16-bit gray with Pillow, which clips to white (documented)."""
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     image = g.image(images["gray16"])
     g.encode(image)
-    g.out("ProbeSaveTensors", name="rel_gray16", image=image)
+    g.add("ProbeSaveTensors", name="rel_gray16", image=image)
     g.run(comfy)
     assert comfy.probe("rel_gray16")[0]["image"].mean() > 0.95
 
@@ -564,29 +613,42 @@ def test_16_bit_rgb_subject_means_its_8_bit_copy(comfy, tiny_model, images):
 @covers("mask-other-size")
 def test_mask_of_another_size_is_resized(comfy, tiny_model):
     """An all-ones mask keeps the photo exactly; an all-zeros one paints it all white, whatever their size."""
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     cat = g.image(CAT)  # 451x300
     g.encode(cat)
-    g.encode(cat, mask=g.out("SolidMask", value=1.0, width=64, height=48))
-    g.encode(cat, mask=g.out("SolidMask", value=0.0, width=17, height=5))
-    g.encode(g.out("EmptyImage", width=451, height=300, batch_size=1, color=0xFFFFFF))
+    g.encode(cat, mask=g.add("SolidMask", value=1.0, width=64, height=48))
+    g.encode(cat, mask=g.add("SolidMask", value=0.0, width=17, height=5))
+    g.encode(g.add("EmptyImage", width=451, height=300, batch_size=1, color=0xFFFFFF))
     no_mask, ones, zeros, white = g.run(comfy)
     assert torch.equal(ones, no_mask) and torch.equal(zeros, white)
 
 
 @covers("mask-batch-mismatch")
 def test_mask_batch_mismatch(comfy, tiny_model):
-    g = Graph(tiny_model)
+    g = Encodings(tiny_model)
     cat = g.image(CAT)
-    masks = g.out("ImageToMask", channel="red", image=g.out(
-        "RepeatImageBatch", amount=3, image=g.out("MaskToImage", mask=g.out("SolidMask", value=1.0, width=64, height=64))))
-    g.encode(g.out("RepeatImageBatch", image=cat, amount=2), mask=masks)
-    failed(comfy, g.nodes, "BlipDiffusionSubjectEncoder", "mask: 3 masks for 2 subject images",
-           "expected 1 mask (used for every image) or one per image")
+    masks = g.add(
+        "ImageToMask",
+        channel="red",
+        image=g.add(
+            "RepeatImageBatch",
+            amount=3,
+            image=g.add("MaskToImage", mask=g.add("SolidMask", value=1.0, width=64, height=64)),
+        ),
+    )
+    g.encode(g.add("RepeatImageBatch", image=cat, amount=2), mask=masks)
+    failed(
+        comfy,
+        g,
+        "BlipDiffusionSubjectEncoder",
+        "mask: 3 masks for 2 subject images",
+        "expected 1 mask (used for every image) or one per image",
+    )
     healthy(comfy, tiny_model)
 
 
 # --- latents ---------------------------------------------------------------------------------------
+
 
 @covers("latent-not-multiple-of-8")
 @pytest.mark.parametrize("width, height, expected", [(100, 68, (64, 96)), (72, 88, (88, 72))])
@@ -600,18 +662,21 @@ def test_latent_sizes(comfy, tiny_model, width, height, expected):
 @covers("batch-mismatch-per-latent")
 def test_three_subject_images_per_latent_for_two_latents(comfy, tiny_model):
     graph = small(tiny_model, batch=2, multi_image="per latent")
-    graph["11"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 3}}
+    graph.add("RepeatImageBatch", "11", image=["2", 0], amount=3)
     graph["3"]["inputs"]["image"] = ["11", 0]
-    failed(comfy, graph, "BlipDiffusionSampler", "positive: a conditioning of batch 3 cannot be paired with 2 latents",
-           "multi_image 'per latent'", "3 subject images for 2 latents", "give as many images as latents")
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionSampler",
+        "positive: a conditioning of batch 3 cannot be paired with 2 latents",
+        "multi_image 'per latent'",
+        "3 subject images for 2 latents",
+        "give as many images as latents",
+    )
     healthy(comfy, tiny_model)
 
 
 # --- subject files -------------------------------------------------------------------------------
-
-def load_subject(name: str) -> dict:
-    return {"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": name}},
-            "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "rel_loaded", "subject": ["1", 0]}}}
 
 
 @pytest.fixture(scope="module")
@@ -625,39 +690,55 @@ def subject_folder(comfy):
 
 
 @covers("subject-file-dotdot", "subject-file-absolute", "subject-file-input-dotdot")
-@pytest.mark.parametrize("name", [
-    "../blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors",
-    "{unet}",  # the absolute path of a file that exists
-    "../models/blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors [input]",
-], ids=["subject-file-dotdot", "subject-file-absolute", "subject-file-input-dotdot"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors",
+        "{unet}",  # the absolute path of a file that exists
+        "../models/blip_diffusion/blipdiffusion/unet/diffusion_pytorch_model.safetensors [input]",
+    ],
+    ids=["subject-file-dotdot", "subject-file-absolute", "subject-file-input-dotdot"],
+)
 def test_subject_file_names_outside_the_folders(comfy, tiny_model, name):
     unet = comfy.base / "models" / "blip_diffusion" / tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
     name = name.format(unet=unet)
-    rejected(comfy, load_subject(name), "1", "subject_file", "must be a name inside", "not a path")
+    rejected(comfy, loaded_subject(name), "1", "subject_file", "must be a name inside", "not a path")
 
 
 @covers("subject-file-not-subject")
 def test_subject_file_of_another_kind(comfy, tiny_model, subject_folder):
-    save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(subject_folder / "rel_lora.safetensors"),
-              metadata={"ss_network_module": "networks.lora"})
-    failed(comfy, load_subject("rel_lora.safetensors"), "BlipDiffusionLoadSubject",
-           "rel_lora.safetensors is not a BLIP-Diffusion subject file: expected metadata format='blip_diffusion_subject'")
+    save_file(
+        {"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)},
+        str(subject_folder / "rel_lora.safetensors"),
+        metadata={"ss_network_module": "networks.lora"},
+    )
+    failed(
+        comfy,
+        loaded_subject("rel_lora.safetensors"),
+        "BlipDiffusionLoadSubject",
+        "rel_lora.safetensors is not a BLIP-Diffusion subject file: expected metadata format='blip_diffusion_subject'",
+    )
     healthy(comfy, tiny_model)
 
 
 @covers("subject-file-pickle")
 def test_pickle_subject_file_is_never_opened(comfy, tiny_model, subject_folder, markers):
     pickle_bomb(subject_folder / "rel_evil.pt", markers / "pwned-subject")
-    rejected(comfy, load_subject("rel_evil.pt"), "1", "subject_file", "expected a .safetensors subject file",
-             "never pickle")
+    rejected(
+        comfy,
+        loaded_subject("rel_evil.pt"),
+        "1",
+        "subject_file",
+        "expected a .safetensors subject file",
+        "never pickle",
+    )
     assert not any(markers.iterdir())
 
 
 @covers("save-prefix-escape")
 def test_save_subject_outside_the_output_folder(comfy, tiny_model):
-    graph = {k: v for k, v in small(tiny_model).items() if k in ("1", "2", "3")}  # the save is the only output
-    graph["12"] = {"class_type": "BlipDiffusionSaveSubject", "inputs": {"subject": ["3", 0],
-                                                                         "filename_prefix": "../../rel_escape"}}
+    graph = Graph({k: v for k, v in small(tiny_model).items() if k in ("1", "2", "3")})  # the save is the only output
+    graph.add("BlipDiffusionSaveSubject", "12", subject=["3", 0], filename_prefix="../../rel_escape")
     rejected(comfy, graph, "12", "filename_prefix", "expected a name inside the output folder")
     healthy(comfy, tiny_model)
     assert not list(comfy.base.parent.glob("rel_escape*")) and not list(comfy.base.glob("rel_escape*"))
@@ -665,8 +746,9 @@ def test_save_subject_outside_the_output_folder(comfy, tiny_model):
 
 # --- cancel and the queue ------------------------------------------------------------------------
 
-async def run_and_interrupt(comfy, prompt: dict, at_step: int) -> tuple[str, list[int]]:
-    """Queue `prompt`, press Cancel (POST /interrupt) once the sampler reports `at_step`; (end event, steps seen)."""
+
+async def run_and_interrupt(comfy, prompt: dict, at_step: int, node: str = "7") -> tuple[str, list[int]]:
+    """Queue `prompt`, press Cancel (POST /interrupt) once `node` reports `at_step`; (end event, steps seen)."""
     client_id = str(uuid.uuid4())
     steps = []
     async with aiohttp.ClientSession() as session:
@@ -680,7 +762,7 @@ async def run_and_interrupt(comfy, prompt: dict, at_step: int) -> tuple[str, lis
                 data = event.get("data", {})
                 if data.get("prompt_id") not in (None, body["prompt_id"]):
                     continue
-                if event["type"] == "progress" and data["node"] == "7":
+                if event["type"] == "progress" and data["node"] == node:
                     steps.append(data["value"])
                     if data["value"] == at_step:
                         await asyncio.to_thread(comfy.request, "POST", "/interrupt", {})
@@ -705,6 +787,7 @@ def rss(comfy) -> int:
 def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
     """30 prompts submitted at once: each valid one saves its image, each invalid one gets its own error,
     and the server's resident memory after a warm-up of 10 grows by less than 200 MB over the last 20."""
+
     def valid(i):
         return small(tiny_model, prefix=f"rel_queue_{i:02}"), None
 
@@ -721,12 +804,22 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
 
     def per_latent_mismatch(i):
         graph = small(tiny_model, batch=2, multi_image="per latent")
-        graph["11"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 3}}
+        graph.add("RepeatImageBatch", "11", image=["2", 0], amount=3)
         graph["3"]["inputs"]["image"] = ["11", 0]
         return graph, ("runtime", "BlipDiffusionSampler", "3 subject images for 2 latents")
 
-    kinds = [valid, valid, empty_subject, valid, incomplete_model, valid, stale_scheduler, valid, per_latent_mismatch,
-             valid]  # 18 valid, 6 refused (HTTP 400), 6 runtime errors
+    kinds = [
+        valid,
+        valid,
+        empty_subject,
+        valid,
+        incomplete_model,
+        valid,
+        stale_scheduler,
+        valid,
+        per_latent_mismatch,
+        valid,
+    ]  # 18 valid, 6 refused (HTTP 400), 6 runtime errors
     submitted = []  # (index, expectation, http status, body)
     for i in range(30):
         prompt, expect = kinds[i % len(kinds)](i)
@@ -767,161 +860,193 @@ def test_queue_of_30_mixed_prompts(comfy, tiny_model, hostile_models):
     end = rss(comfy)
     peak = max(samples[warm_samples:], default=end)
     mb = 1 << 20
-    print(f"server RSS: after warm-up (10 prompts) {warm / mb:.0f} MB, after 30 {end / mb:.0f} MB, "
-          f"peak over the last 20 {peak / mb:.0f} MB, growth {(end - warm) / mb:+.0f} MB")
+    print(
+        f"server RSS: after warm-up (10 prompts) {warm / mb:.0f} MB, after 30 {end / mb:.0f} MB, "
+        f"peak over the last 20 {peak / mb:.0f} MB, growth {(end - warm) / mb:+.0f} MB"
+    )
     assert end - warm < 200 * mb
     healthy(comfy, tiny_model)
 
 
-# --- static guarantees ---------------------------------------------------------------------------
-
-SKIP_DIRS = {".git", ".venv", ".refvenv", "node_modules", ".cache", "__pycache__"}
+# --- DDIM inversion --------------------------------------------------------------------------------
 
 
-def python_files() -> list[Path]:
-    return sorted(p for p in ROOT.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(ROOT).parts))
+@pytest.fixture(scope="module")
+def photo(comfy) -> str:
+    """A 64x64 photo (the cat) in the input folder."""
+    image = Image.open(comfy.base / "input" / CAT).convert("RGB").resize((64, 64))
+    return comfy.put_input("rel_inversion.png", np.asarray(image))
 
 
-def unsafe_loads(source: str) -> list[str]:
-    """Calls that could unpickle code: torch.load without weights_only=True, ComfyUI's load_torch_file without
-    safe_load=True, pickle's loaders, numpy loads with allow_pickle=True."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module in ("torch", "pickle", "dill", "joblib"):
-            for alias in node.names:
-                if alias.name in ("load", "loads", "Unpickler"):
-                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
-        if not isinstance(node, ast.Call):
-            continue
-        name = ast.unparse(node.func)
-        keywords = {k.arg: k.value for k in node.keywords}
-
-        def is_true(key):
-            return isinstance(keywords.get(key), ast.Constant) and keywords[key].value is True
-
-        if name.endswith("torch.load") and not is_true("weights_only"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif name.endswith("load_torch_file") and not is_true("safe_load"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "joblib.load"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif name.endswith(("np.load", "numpy.load")) and is_true("allow_pickle"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-    return found
+@covers("inversion-latent-empty")
+def test_inverting_an_empty_latent(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["latent"] = graph.add("ProbeEmptyLatent")
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionDDIMInversion",
+        "latent: expected a batch of image latents [B,4,H,W]",
+        "got shape (0, 4, 8, 8)",
+    )
+    healthy(comfy, tiny_model)
 
 
-@covers("static-torch-load")
-def test_no_unsafe_unpickling_anywhere():
-    assert unsafe_loads("import torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-                        "comfy.utils.load_torch_file(p)\nfrom pickle import loads\n") != []  # the check can fail
-    assert len(unsafe_loads("torch.load(p)\ntorch.load(p, weights_only=False)\n")) == 2
-    assert unsafe_loads("torch.load(p, map_location='cpu', weights_only=True)\n") == []
-    files = python_files()
-    assert ROOT / "blip_core" / "loading.py" in files
-    problems = {str(p.relative_to(ROOT)): found for p in files if (found := unsafe_loads(p.read_text()))}
-    assert not problems, problems
+@covers("inversion-steps-zero")
+def test_inversion_with_zero_steps(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["steps"] = 0
+    rejected(comfy, graph, "6", "steps", "Value 0 smaller than min of 1")
 
 
-RESOLVER_MODULE = "paths"  # nodes/paths.py: every user-named file goes through it
-NODE_METHODS = ("execute", "validate_inputs", "fingerprint_inputs")
-PATH_WORDS = ("file", "path", "prefix", "folder", "dir")
+@covers("inversion-batch-mismatch")
+def test_inversion_batch_against_conditioning_batch(comfy, tiny_model, photo):
+    """Three photos against a conditioning of two (a per-latent Multimodal Prompt of two subject images)."""
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["latent"] = graph.add("RepeatLatentBatch", samples=["3", 0], amount=3)
+    subject = graph.add(
+        "BlipDiffusionSubjectEncoder",
+        subject_encoder=["1", 3],
+        subject="cat",
+        preprocess="squash",
+        image=graph.add("RepeatImageBatch", image=["2", 0], amount=2),
+    )
+    graph["6"]["inputs"]["positive"] = graph.add(
+        "BlipDiffusionMultimodalPromptFuse",
+        clip=["1", 1],
+        subject=subject,
+        prompt="on a sofa",
+        target_subject="",
+        prompt_strength=1.0,
+        prompt_reps=20,
+        multi_image="per latent",
+    )
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionDDIMInversion",
+        "positive: a conditioning of batch 2 cannot be paired with 3 latents",
+    )
+    healthy(comfy, tiny_model)
 
 
-def path_inputs(cls: ast.ClassDef) -> set[str]:
-    """A node's inputs that name files: combos whose options come from nodes/paths.py, and strings
-    named like a file or folder."""
-    names = set()
-    for call in ast.walk(cls):
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "Input"
-                and call.args and isinstance(call.args[0], ast.Constant)):
-            continue
-        kind, name = ast.unparse(call.func.value), call.args[0].value
-        options = next((k.value for k in call.keywords if k.arg == "options"), None)
-        if kind == "io.Combo" and options is not None and ast.unparse(options).startswith(f"{RESOLVER_MODULE}."):
-            names.add(name)
-        elif kind == "io.String" and any(word in name for word in PATH_WORDS):
-            names.add(name)
-    return names
+@covers("inversion-cfg-without-negative")
+def test_inversion_guidance_without_a_negative(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["cfg"] = 2.0
+    failed(comfy, graph, "BlipDiffusionDDIMInversion", "negative: cfg 2.0 needs a negative prompt")
+    healthy(comfy, tiny_model)
 
 
-def unresolved_uses(source: str) -> tuple[list[str], list[str]]:
-    """(uses, problems) of file-naming inputs in node methods. Each use must pass the name straight to
-    a nodes/paths.py function, or to a function of the same module that does (checked the same way),
-    or only compare, return or show it in a message: never join it to a folder or open it."""
-    tree = ast.parse(source)
-    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
-    helpers = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    uses, problems = [], []
-
-    def check(function: ast.FunctionDef, param: str, where: str, seen: frozenset) -> None:
-        for name in ast.walk(function):
-            if not (isinstance(name, ast.Name) and name.id == param and isinstance(name.ctx, ast.Load)):
-                continue
-            here = f"{where}:{name.lineno} {param}"
-            parent = parents[name]
-            keyword = parent.arg if isinstance(parent, ast.keyword) else None
-            if keyword is not None:
-                parent = parents[parent]
-            callee = ast.unparse(parent.func) if isinstance(parent, ast.Call) else None
-            if callee is not None and callee.startswith(f"{RESOLVER_MODULE}."):
-                uses.append(f"{here} -> {callee}")
-            elif callee in helpers and callee not in seen:
-                helper = helpers[callee]
-                arg = keyword or helper.args.args[parent.args.index(name)].arg
-                uses.append(f"{here} -> {callee}()")
-                check(helper, arg, f"{where} -> {callee}", seen | {callee})
-            elif isinstance(parent, (ast.Return, ast.FormattedValue, ast.Compare)):
-                uses.append(f"{here} -> {type(parent).__name__.lower()}")
-            else:
-                problems.append(f"{here}: {ast.unparse(parent)}")
-
-    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
-        inputs = path_inputs(cls)
-        for method in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in NODE_METHODS):
-            for param in inputs & {a.arg for a in method.args.args}:
-                check(method, param, f"{cls.name}.{method.name}", frozenset())
-    return uses, problems
+@covers("inversion-then-denoise")
+def test_inverted_latent_with_partial_denoise(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["7"]["inputs"]["denoise"] = 0.5
+    failed(
+        comfy, graph, "BlipDiffusionSampler", "denoise: latent_image is a DDIM inversion's result", "use denoise 1.0"
+    )
+    healthy(comfy, tiny_model)
 
 
-@covers("static-user-paths")
-def test_user_named_files_go_through_the_resolvers():
-    bad = ('def weights(name):\n    return open(name)\n'
-           'class X:\n    def define_schema(cls):\n        io.Combo.Input("model_name", options=paths.model_folders())\n'
-           '    def execute(cls, model_name):\n        return weights(model_name), open(Path(root) / model_name)\n')
-    assert unresolved_uses(bad)[1] == ["X.execute -> weights:2 name: open(name)",  # the check can fail
-                                       "X.execute:7 model_name: Path(root) / model_name"]
-    uses, problems = [], []
-    for path in sorted((ROOT / "nodes").glob("*.py")):
-        found, wrong = unresolved_uses(path.read_text())
-        uses += [f"{path.name}: {u}" for u in found]
-        problems += [f"{path.name}: {w}" for w in wrong]
-    print("user-named files in node code:\n  " + "\n  ".join(uses))
-    assert not problems, problems
-    for expected in ("BlipDiffusionLoader.execute", "BlipDiffusionSubjectEncoderLoader.execute",
-                     "BlipDiffusionLoadSubject.execute", "BlipDiffusionSaveSubject.execute",
-                     "BlipDiffusionControlNetLoader.execute", "BlipDiffusionHEDEdges.execute"):
-        assert any(expected in use for use in uses), (expected, uses)
+@covers("inversion-other-steps")
+def test_inverted_latent_with_other_steps(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["7"]["inputs"]["steps"] = 3
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionSampler",
+        "steps: latent_image was inverted with 2 steps",
+        "sample with 2 steps and the reference scheduler",
+    )
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-v-prediction")
+def test_inverting_with_a_v_prediction_model(comfy, tiny_model, photo):
+    """Stock ModelSamplingDiscrete makes the MODEL v-prediction: the reference maths would be wrong, so refused."""
+    graph = inversion(tiny_model, photo, steps=2)
+    graph["6"]["inputs"]["model"] = graph.add(
+        "ModelSamplingDiscrete", model=["1", 0], sampling="v_prediction", zsnr=False
+    )
+    failed(comfy, graph, "BlipDiffusionDDIMInversion", "needs an epsilon-prediction model", "v-prediction")
+    healthy(comfy, tiny_model)
+
+
+@covers("inversion-stock-ksampler")
+def test_inverted_latent_in_a_stock_ksampler(comfy, tiny_model, photo):
+    """Documented: a stock KSampler adds its own noise to any latent; from an inverted one at denoise 1 that
+    noise dominates (a new picture, not the photo). SamplerCustom with add_noise off starts from it."""
+    graph = inversion(tiny_model, photo, steps=2)
+    graph.add(
+        "KSampler",
+        "7",
+        model=["1", 0],
+        positive=["4", 0],
+        negative=["5", 0],
+        latent_image=["6", 0],
+        seed=1,
+        steps=2,
+        cfg=7.5,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
+    assert comfy.image(comfy.run_ok(graph), "9").shape == (64, 64, 3)
+
+
+@covers("inversion-cancel")
+def test_cancel_mid_inversion_then_a_normal_prompt(comfy, tiny_model, photo):
+    graph = inversion(tiny_model, photo, steps=40)
+    graph.add(
+        "ImageScale",
+        "2",
+        image=graph.add("LoadImage", "12", image=photo),
+        upscale_method="bicubic",
+        width=256,
+        height=256,
+        crop="disabled",
+    )
+    end, steps = asyncio.run(run_and_interrupt(comfy, graph, at_step=2, node="6"))
+    assert end == "execution_interrupted" and 2 <= max(steps) < 40
+    healthy(comfy, tiny_model)
+    assert comfy.get_json("/queue") == {"queue_running": [], "queue_pending": []}
 
 
 # --- ControlNet ------------------------------------------------------------------------------------
 
-def controlled(model: str, control=("30", 0), batch: int = 1, start: float = 0.0, end: float = 1.0,
-               controlnet: str | None = None) -> dict:
+
+def controlled(
+    model: str, control=("30", 0), batch: int = 1, start: float = 0.0, end: float = 1.0, controlnet: str | None = None
+) -> dict:
     """small() with a ControlNet (the tiny model's, or `controlnet` from models/controlnet) on `control`."""
     graph = small(model, batch=batch, prefix="rel_cn")
-    graph["30"] = {"class_type": "LoadImage", "inputs": {"image": "blipd_example_cup.jpg"}}
-    graph["31"] = {"class_type": "BlipDiffusionControlNetLoader", "inputs": {"model_name": controlnet or model}}
-    graph["32"] = {"class_type": "BlipDiffusionControlNetApply",
-                   "inputs": {"positive": ["4", 0], "negative": ["5", 0], "control_net": ["31", 0],
-                              "image": list(control), "strength": 1.0, "start_percent": start, "end_percent": end}}
+    graph.add("LoadImage", "30", image="blipd_example_cup.jpg")
+    graph.add("BlipDiffusionControlNetLoader", "31", model_name=controlnet or model)
+    graph.add(
+        "BlipDiffusionControlNetApply",
+        "32",
+        positive=["4", 0],
+        negative=["5", 0],
+        control_net=["31", 0],
+        image=list(control),
+        strength=1.0,
+        start_percent=start,
+        end_percent=end,
+    )
     graph["7"]["inputs"].update(positive=["32", 0], negative=["32", 1])
     return graph
 
 
 @covers("cn-loader-dotdot")
 def test_controlnet_name_outside_its_folder(comfy, tiny_model):
-    rejected(comfy, controlled(tiny_model, controlnet="../blip_diffusion/" + tiny_model), "31", "model_name",
-             "must be a name inside models/controlnet")
+    rejected(
+        comfy,
+        controlled(tiny_model, controlnet="../blip_diffusion/" + tiny_model),
+        "31",
+        "model_name",
+        "must be a name inside models/controlnet",
+    )
     healthy(comfy, tiny_model)
 
 
@@ -933,8 +1058,14 @@ def test_controlnet_pickle_is_never_run(comfy, comfy_base, tiny_model, tmp_path)
     try:
         shutil.copy(comfy_base / "models" / "blip_diffusion" / tiny_model / "controlnet" / "config.json", folder)
         pickle_bomb(folder / "diffusion_pytorch_model.bin", marker)
-        failed(comfy, controlled(tiny_model, controlnet="rel-cn-pickle/diffusion_pytorch_model.bin"),
-               "BlipDiffusionControlNetLoader", "refused to load", "diffusion_pytorch_model.bin", "weights_only=True")
+        failed(
+            comfy,
+            controlled(tiny_model, controlnet="rel-cn-pickle/diffusion_pytorch_model.bin"),
+            "BlipDiffusionControlNetLoader",
+            "refused to load",
+            "diffusion_pytorch_model.bin",
+            "weights_only=True",
+        )
     finally:
         shutil.rmtree(folder)
     assert not marker.exists()
@@ -943,17 +1074,24 @@ def test_controlnet_pickle_is_never_run(comfy, comfy_base, tiny_model, tmp_path)
 
 @covers("cn-architecture-sdxl")
 def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
-    from make_tiny_model import controlnet_config, diffusers_shapes, state_dict
+    from blip_diffusion_nodes.tools.make_tiny_model import controlnet_config, diffusers_shapes, state_dict
 
     folder = comfy_base / "models" / "controlnet" / "rel-cn-2048"
     folder.mkdir(parents=True)
     try:
         config = {**controlnet_config("tiny"), "cross_attention_dim": 2048}  # SDXL's text width
         (folder / "config.json").write_text(json.dumps(config))
-        save_file(state_dict(diffusers_shapes(config), 2, torch.float16, "controlnet"),
-                  str(folder / "diffusion_pytorch_model.safetensors"))
-        failed(comfy, controlled(tiny_model, controlnet="rel-cn-2048/diffusion_pytorch_model.safetensors"),
-               "BlipDiffusionControlNetApply", "cross-attends to 2048-wide", "768")
+        save_file(
+            state_dict(diffusers_shapes(config), 2, torch.float16, "controlnet"),
+            str(folder / "diffusion_pytorch_model.safetensors"),
+        )
+        failed(
+            comfy,
+            controlled(tiny_model, controlnet="rel-cn-2048/diffusion_pytorch_model.safetensors"),
+            "BlipDiffusionControlNetApply",
+            "cross-attends to 2048-wide",
+            "768",
+        )
     finally:
         shutil.rmtree(folder)
     healthy(comfy, tiny_model)
@@ -962,9 +1100,15 @@ def test_controlnet_of_another_architecture(comfy, comfy_base, tiny_model):
 @covers("cn-image-batch-mismatch")
 def test_control_images_for_other_latent_count(comfy, tiny_model):
     graph = controlled(tiny_model, control=("33", 0), batch=3)
-    graph["33"] = {"class_type": "ImageBatch", "inputs": {"image1": ["30", 0], "image2": ["30", 0]}}
-    failed(comfy, graph, "BlipDiffusionSampler", "image is a batch of 2 control images", "3 latents",
-           "give 1 control image (for all) or one per latent")
+    graph.add("ImageBatch", "33", image1=["30", 0], image2=["30", 0])
+    failed(
+        comfy,
+        graph,
+        "BlipDiffusionSampler",
+        "image is a batch of 2 control images",
+        "3 latents",
+        "give 1 control image (for all) or one per latent",
+    )
     healthy(comfy, tiny_model)
 
 
@@ -972,15 +1116,19 @@ def test_control_images_for_other_latent_count(comfy, tiny_model):
 @pytest.mark.parametrize("mode", ["gray", "rgba"], ids=["cn-image-gray", "cn-image-rgba"])
 def test_gray_and_rgba_control_images(comfy, tiny_model, mode):
     graph = controlled(tiny_model, control=("33", 0))
-    graph["33"] = {"class_type": "ProbeImageChannels", "inputs": {"image": ["30", 0], "mode": mode}}
+    graph.add("ProbeImageChannels", "33", image=["30", 0], mode=mode)
     assert comfy.image(comfy.run_ok(graph), "9").shape == (64, 64, 3)
 
 
 @covers("cn-start-after-end")
 def test_control_window_that_ends_before_it_starts(comfy, tiny_model):
-    failed(comfy, controlled(tiny_model, start=0.8, end=0.2), "BlipDiffusionControlNetApply",
-           "start_percent 0.8 is after end_percent 0.2")
-    healthy(comfy, tiny_model)
+    rejected(
+        comfy,
+        controlled(tiny_model, start=0.8, end=0.2),
+        "32",
+        "start_percent",
+        "start_percent: 0.8 is after end_percent 0.2: the window is empty",
+    )
 
 
 @covers("cn-annotator-missing")
@@ -988,11 +1136,14 @@ def test_hed_annotator_without_its_file(comfy, comfy_base, tiny_model):
     folder = comfy_base / "models" / "annotators" / "rel-empty-annotators"
     folder.mkdir(parents=True)
     try:
-        graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "blipd_example_cup.jpg"}},
-                 "2": {"class_type": "BlipDiffusionHEDEdges",
-                       "inputs": {"image": ["1", 0], "annotator": folder.name, "scribble": False, "safe": False,
-                                  "resolution": 128}},
-                 "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+        graph = edges(
+            "BlipDiffusionHEDEdges",
+            "blipd_example_cup.jpg",
+            annotator=folder.name,
+            scribble=False,
+            safe=False,
+            resolution=128,
+        )
         rejected(comfy, graph, "2", "annotator", "no ControlNetHED.pth in", str(folder))
     finally:
         shutil.rmtree(folder)

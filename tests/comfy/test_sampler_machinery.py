@@ -8,7 +8,7 @@ import uuid
 
 import aiohttp
 
-from graphs import zero_shot
+from blip_diffusion_nodes.tests.graphs import inversion, zero_shot
 
 
 async def watch(comfy, prompt: dict, interrupt_at_step: int | None = None) -> dict:
@@ -47,9 +47,29 @@ def test_progress_and_previews(comfy, tiny_model):
 
 
 def test_cancel_mid_sampling_then_the_next_prompt_runs(comfy, tiny_model):
-    seen = asyncio.run(watch(comfy, zero_shot(tiny_model, size=256, steps=40, seed=12, prefix="cancelled"),
-                             interrupt_at_step=2))
+    seen = asyncio.run(
+        watch(comfy, zero_shot(tiny_model, size=256, steps=40, seed=12, prefix="cancelled"), interrupt_at_step=2)
+    )
     assert seen["end"] == "execution_interrupted"
     steps = [value for node, value, _ in seen["progress"] if node == "7"]
     assert max(steps) < 40
     assert comfy.run_ok(zero_shot(tiny_model, seed=13, prefix="after_cancel"))["outputs"]["9"]["images"]
+
+
+def test_inversion_reports_progress_and_previews(comfy, tiny_model):
+    """DDIM inversion runs on ComfyUI's sampling machinery too: a progress bar per step and latent previews."""
+    graph = inversion(tiny_model, "blipd_example_cat.jpg", steps=4, prefix="inversion_progress")
+    graph.add(
+        "ImageScale",
+        "2",
+        image=graph.add("LoadImage", "12", image="blipd_example_cat.jpg"),
+        upscale_method="bicubic",
+        width=64,
+        height=64,
+        crop="center",
+    )
+    seen = asyncio.run(watch(comfy, graph))
+    assert seen["end"] == "execution_success"
+    inversion_steps = [(value, total) for node, value, total in seen["progress"] if node == "6"]
+    assert inversion_steps and inversion_steps[-1] == (4, 4)
+    assert seen["previews"] >= 2  # the inversion's and the sampler's

@@ -15,58 +15,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from comfy_server import execution_error
-from graphs import shrink, twin
+from blip_diffusion_nodes.tests.graphs import SubjectGraph as Graph
+from blip_diffusion_nodes.tests.graphs import loaded_subject, probe, shrink, twin
+from blip_diffusion_nodes.tools.comfy_server import execution_error
 
 ROOT = Path(__file__).resolve().parents[2]
 CAT, CUP = "blipd_example_cat.jpg", "blipd_example_cup.jpg"
 
 
-class Graph:
-    """An API-format prompt built node by node; `add` returns the node's id."""
-
-    def __init__(self, model: str):
-        self.nodes: dict[str, dict] = {}
-        self.model = self.add("BlipDiffusionLoader", model_name=model, weight_dtype="auto")
-
-    def add(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
-
-    def image(self, name: str = CAT) -> list:
-        return [self.add("LoadImage", image=name), 0]
-
-    def encode(self, image: list, category: str = "cat") -> list:
-        return [self.add("BlipDiffusionSubjectEncoder", subject_encoder=[self.model, 3], image=image, subject=category,
-                         preprocess="squash"), 0]
-
-    def fuse(self, subject: list, multi_image: str = "average", **extra) -> list:
-        return [self.add("BlipDiffusionMultimodalPromptFuse", clip=[self.model, 1], subject=subject, prompt="on a beach",
-                         target_subject="", prompt_strength=1.0, prompt_reps=20, multi_image=multi_image, **extra), 0]
-
-    def probe(self, name: str, **tensors) -> None:
-        self.add("ProbeSaveTensors", name=name, **tensors)
-
-
 def batch(g: Graph, *images: list) -> list:
     out = images[0]
     for image in images[1:]:
-        out = [g.add("ImageBatch", image1=out, image2=image), 0]
+        out = g.add("ImageBatch", image1=out, image2=image)
     return out
 
 
 def flipped(g: Graph, image: list) -> list:
-    return [g.add("ImageFlip", image=image, flip_method="y-axis: horizontally"), 0]
+    return g.add("ImageFlip", image=image, flip_method="y-axis: horizontally")
 
 
 def test_averaging_identical_views_equals_one_view(comfy, tiny_model):
     g = Graph(tiny_model)
     cat = g.image()
-    one, three = g.encode(cat), g.encode([g.add("RepeatImageBatch", image=cat, amount=3), 0])
-    g.probe("views_one", subject=one, conditioning=g.fuse(one))
-    g.probe("views_three", subject=three, conditioning=g.fuse(three))
-    comfy.run_ok(g.nodes)
+    one, three = g.encode(cat), g.encode(g.add("RepeatImageBatch", image=cat, amount=3))
+    probe(g, None, "views_one", subject=one, conditioning=g.fuse(one))
+    probe(g, None, "views_three", subject=three, conditioning=g.fuse(three))
+    comfy.run_ok(g)
     (one_t, _), (three_t, meta) = comfy.probe("views_one"), comfy.probe("views_three")
     assert three_t["subject"].shape == (3, 16, 768) and meta["category"] == "cat"
     assert three_t["cond0"].shape == one_t["cond0"].shape == (1, 77, 768)
@@ -77,11 +51,11 @@ def test_image_weights_one_zero_equal_the_first_image_alone(comfy, tiny_model):
     g = Graph(tiny_model)
     cat = g.image()
     two = g.encode(batch(g, cat, flipped(g, cat)))
-    g.probe("weights_first", conditioning=g.fuse(two, image_weights="1, 0"))
-    g.probe("weights_second", conditioning=g.fuse(two, image_weights="0, 3"))
-    g.probe("weights_equal", conditioning=g.fuse(two, image_weights=""))
-    g.probe("weights_rows", conditioning=g.fuse(two, "per latent"))
-    comfy.run_ok(g.nodes)
+    probe(g, None, "weights_first", conditioning=g.fuse(two, image_weights="1, 0"))
+    probe(g, None, "weights_second", conditioning=g.fuse(two, image_weights="0, 3"))
+    probe(g, None, "weights_equal", conditioning=g.fuse(two, image_weights=""))
+    probe(g, None, "weights_rows", conditioning=g.fuse(two, "per latent"))
+    comfy.run_ok(g)
     rows = comfy.probe("weights_rows")[0]["cond0"]
     first, second, equal = (comfy.probe(f"weights_{n}")[0]["cond0"] for n in ("first", "second", "equal"))
     # The same embeddings through the same CLIP: bit for bit.
@@ -91,8 +65,8 @@ def test_image_weights_one_zero_equal_the_first_image_alone(comfy, tiny_model):
 
 def test_bad_image_weights_name_the_input(comfy, tiny_model):
     g = Graph(tiny_model)
-    g.probe("bad_weights", conditioning=g.fuse(g.encode(g.image()), image_weights="1, 2"))
-    error = execution_error(comfy.run(g.nodes))
+    probe(g, None, "bad_weights", conditioning=g.fuse(g.encode(g.image()), image_weights="1, 2"))
+    error = execution_error(comfy.run(g))
     assert error["node_type"] == "BlipDiffusionMultimodalPromptFuse"
     assert "image_weights: expected 1 weights (one per subject image), got 2" in error["exception_message"]
 
@@ -103,13 +77,23 @@ def per_latent_sample(comfy, tiny_model, views: tuple[str, str], name: str) -> t
     cat = g.image()
     images = {"cat": cat, "flip": flipped(g, cat)}
     positive = g.fuse(g.encode(batch(g, *(images[v] for v in views))), "per latent")
-    negative = [g.add("CLIPTextEncode", clip=[g.model, 1], text=""), 0]
-    latent = [g.add("EmptyLatentImage", width=64, height=64, batch_size=2), 0]
-    samples = [g.add("BlipDiffusionSampler", model=[g.model, 0], positive=positive, negative=negative,
-                     latent_image=latent, seed=7, steps=2, cfg=7.5, sampler_name="pndm", scheduler="reference",
-                     denoise=1.0), 0]
-    g.probe(name, conditioning=positive, latent=samples)
-    comfy.run_ok(g.nodes)
+    negative = g.add("CLIPTextEncode", clip=[g.model, 1], text="")
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=2)
+    samples = g.add(
+        "BlipDiffusionSampler",
+        model=[g.model, 0],
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=7,
+        steps=2,
+        cfg=7.5,
+        sampler_name="pndm",
+        scheduler="reference",
+        denoise=1.0,
+    )
+    probe(g, None, name, conditioning=positive, latent=samples)
+    comfy.run_ok(g)
     return comfy.probe(name)[0]
 
 
@@ -130,12 +114,16 @@ def test_per_latent_gives_each_latent_its_own_image(comfy, tiny_model):
 def test_blend_endpoints_are_exact_and_category_is_stated(comfy, tiny_model):
     g = Graph(tiny_model)
     cat, cup = g.encode(g.image(CAT), "cat"), g.encode(g.image(CUP), "cup")
-    g.probe("blend_a", subject=cat)
-    g.probe("blend_b", subject=cup)
+    probe(g, None, "blend_a", subject=cat)
+    probe(g, None, "blend_b", subject=cup)
     for name, ratio, category in (("blend_0", 0.0, ""), ("blend_1", 1.0, ""), ("blend_q", 0.25, "cupcat")):
-        g.probe(name, subject=[g.add("BlipDiffusionSubjectBlend", subject_a=cat, subject_b=cup, ratio=ratio,
-                                     category=category), 0])
-    comfy.run_ok(g.nodes)
+        probe(
+            g,
+            None,
+            name,
+            subject=g.add("BlipDiffusionSubjectBlend", subject_a=cat, subject_b=cup, ratio=ratio, category=category),
+        )
+    comfy.run_ok(g)
     (a, _), (b, _) = comfy.probe("blend_a"), comfy.probe("blend_b")
     (zero, zero_meta), (one, one_meta), (quarter, quarter_meta) = (comfy.probe(f"blend_{n}") for n in "01q")
     assert torch.equal(zero["subject"], a["subject"]) and torch.equal(one["subject"], b["subject"])
@@ -156,16 +144,20 @@ def test_save_then_load_is_bit_exact_from_models_and_input(comfy, tiny_model):
     g = Graph(tiny_model)
     cat = g.image()
     views = g.encode(batch(g, cat, flipped(g, cat)))
-    g.probe("saved_subject", subject=views)
-    save = g.add("BlipDiffusionSaveSubject", subject=views, filename_prefix="t_subjects/roundtrip")
-    entry = comfy.run_ok(g.nodes)
+    probe(g, None, "saved_subject", subject=views)
+    save, _ = g.add("BlipDiffusionSaveSubject", subject=views, filename_prefix="t_subjects/roundtrip")
+    entry = comfy.run_ok(g)
     path = saved_file(comfy, entry, save)
     assert path.parent == comfy.base / "output" / "t_subjects" and path.name.startswith("roundtrip_")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert {k: meta[k] for k in ("format", "version", "category", "preprocess", "encoder")} == {
-        "format": "blip_diffusion_subject", "version": "1", "category": "cat", "preprocess": "squash",
-        "encoder": tiny_model}
+        "format": "blip_diffusion_subject",
+        "version": "1",
+        "category": "cat",
+        "preprocess": "squash",
+        "encoder": tiny_model,
+    }
     assert len(meta["image_sha256"]) == 64
 
     models = comfy.base / "models" / "blip_diffusion_subjects" / "pets"
@@ -177,9 +169,16 @@ def test_save_then_load_is_bit_exact_from_models_and_input(comfy, tiny_model):
     assert {"pets/roundtrip.safetensors", "roundtrip_in.safetensors [input]"} <= set(listed)
 
     g = Graph(tiny_model)
-    g.probe("loaded_models", subject=[g.add("BlipDiffusionLoadSubject", subject_file="pets/roundtrip.safetensors"), 0])
-    g.probe("loaded_input", subject=[g.add("BlipDiffusionLoadSubject", subject_file="roundtrip_in.safetensors [input]"), 0])
-    comfy.run_ok(g.nodes)
+    probe(
+        g, None, "loaded_models", subject=g.add("BlipDiffusionLoadSubject", subject_file="pets/roundtrip.safetensors")
+    )
+    probe(
+        g,
+        None,
+        "loaded_input",
+        subject=g.add("BlipDiffusionLoadSubject", subject_file="roundtrip_in.safetensors [input]"),
+    )
+    comfy.run_ok(g)
     original, original_meta = comfy.probe("saved_subject")
     for name in ("loaded_models", "loaded_input"):
         loaded, loaded_meta = comfy.probe(name)
@@ -196,14 +195,12 @@ def rejected(comfy, prompt: dict) -> str:
 
 @pytest.mark.parametrize("name", ["../../escape.safetensors", "/etc/passwd", "../input/x.safetensors [input]"])
 def test_load_rejects_names_that_escape_their_folder(comfy, name):
-    errors = rejected(comfy, {"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": name}},
-                              "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
+    errors = rejected(comfy, loaded_subject(name))
     assert "must be a name inside" in errors and "not a path" in errors
 
 
 def test_load_of_a_missing_file_names_the_folders_searched(comfy):
-    errors = rejected(comfy, {"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": "nope.safetensors"}},
-                              "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
+    errors = rejected(comfy, loaded_subject("nope.safetensors"))
     assert "nope.safetensors" in errors and "not found in models/blip_diffusion_subjects" in errors
 
 
@@ -211,21 +208,30 @@ def test_load_of_a_missing_file_names_the_folders_searched(comfy):
 def test_save_rejects_prefixes_that_escape_the_output_folder(comfy, tiny_model, prefix):
     g = Graph(tiny_model)
     g.add("BlipDiffusionSaveSubject", subject=g.encode(g.image()), filename_prefix=prefix)
-    assert "expected a name inside the output folder" in rejected(comfy, g.nodes)
+    assert "expected a name inside the output folder" in rejected(comfy, g)
 
 
-@pytest.mark.parametrize("file, metadata, message", [
-    ("version2.safetensors", {"format": "blip_diffusion_subject", "version": "2", "category": "cat"},
-     "version2.safetensors is a subject file of format version '2'; this pack reads version '1'"),
-    ("not_a_subject.safetensors", None, "not_a_subject.safetensors is not a BLIP-Diffusion subject file: expected "
-                                        "metadata format='blip_diffusion_subject'"),
-])
+@pytest.mark.parametrize(
+    "file, metadata, message",
+    [
+        (
+            "version2.safetensors",
+            {"format": "blip_diffusion_subject", "version": "2", "category": "cat"},
+            "version2.safetensors is a subject file of format version '2'; this pack reads version '1'",
+        ),
+        (
+            "not_a_subject.safetensors",
+            None,
+            "not_a_subject.safetensors is not a BLIP-Diffusion subject file: expected "
+            "metadata format='blip_diffusion_subject'",
+        ),
+    ],
+)
 def test_load_of_another_file_kind_or_version_says_what_was_expected(comfy, file, metadata, message):
     folder = comfy.base / "models" / "blip_diffusion_subjects"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"embeds": torch.zeros(1, 16, 768)}, str(folder / file), metadata=metadata)
-    entry = comfy.run({"1": {"class_type": "BlipDiffusionLoadSubject", "inputs": {"subject_file": file}},
-                       "2": {"class_type": "ProbeSaveTensors", "inputs": {"name": "x", "subject": ["1", 0]}}})
+    entry = comfy.run(loaded_subject(file))
     error = execution_error(entry)
     assert error["node_type"] == "BlipDiffusionLoadSubject" and message in error["exception_message"]
 
@@ -233,17 +239,34 @@ def test_load_of_another_file_kind_or_version_says_what_was_expected(comfy, file
 def test_lavis_fine_tuned_subject_imports_and_drives_a_graph(comfy, tiny_model, tmp_path):
     cache = torch.randn(1, 16, 768, generator=torch.Generator().manual_seed(11))
     checkpoint = tmp_path / "checkpoint_39.pth"  # LAVIS's layout: trained parameters under "model"
-    torch.save({"model": {"ctx_embeddings_cache": cache, "unet.conv_in.weight": torch.randn(320, 4, 3, 3)},
-                "optimizer": {"state": {}, "param_groups": []}, "epoch": 0}, checkpoint)
+    torch.save(
+        {
+            "model": {"ctx_embeddings_cache": cache, "unet.conv_in.weight": torch.randn(320, 4, 3, 3)},
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 0,
+        },
+        checkpoint,
+    )
     out = comfy.base / "models" / "blip_diffusion_subjects" / "lavis_dog.safetensors"
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "import_lavis_subject.py"), str(checkpoint), str(out),
-                          "--category", "dog"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "import_lavis_subject.py"),
+            str(checkpoint),
+            str(out),
+            "--category",
+            "dog",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
 
     g = Graph(tiny_model)
-    subject = [g.add("BlipDiffusionLoadSubject", subject_file="lavis_dog.safetensors"), 0]
-    g.probe("lavis_dog", subject=subject, conditioning=g.fuse(subject))
-    comfy.run_ok(g.nodes)
+    subject = g.add("BlipDiffusionLoadSubject", subject_file="lavis_dog.safetensors")
+    probe(g, None, "lavis_dog", subject=subject, conditioning=g.fuse(subject))
+    comfy.run_ok(g)
     tensors, meta = comfy.probe("lavis_dog")
     assert torch.equal(tensors["subject"], cache) and meta["category"] == "dog"
     assert meta["subject.checkpoint"] == "checkpoint_39.pth"
@@ -253,9 +276,19 @@ def test_lavis_fine_tuned_subject_imports_and_drives_a_graph(comfy, tiny_model, 
 def test_lavis_import_tool_refuses_a_pickle_that_runs_code(tmp_path):
     checkpoint = tmp_path / "evil.pth"
     torch.save({"model": {"ctx_embeddings_cache": torch.ones(1, 16, 768)}, "hook": print}, checkpoint)
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "import_lavis_subject.py"), str(checkpoint),
-                          str(tmp_path / "out.safetensors"), "--category", "dog"], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "import_lavis_subject.py"),
+            str(checkpoint),
+            str(tmp_path / "out.safetensors"),
+            "--category",
+            "dog",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and "weights_only=True rejected it" in run.stderr
     assert not (tmp_path / "out.safetensors").exists()
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from blip_core import build_prompt, load_text_encoder
-from comfy_server import execution_error
-from graphs import NEGATIVE, probe, shrink, twin, zero_shot
-from make_tiny_model import make_model
+from blip_diffusion_nodes.blip_core.prompt import build_prompt
+from blip_diffusion_nodes.tests.graphs import NEGATIVE, probe, shrink, twin, zero_shot
+from blip_diffusion_nodes.tools.comfy_server import execution_error
+from blip_diffusion_nodes.tools.context_clip import load_text_encoder
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TWINS = sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
@@ -40,8 +38,13 @@ def test_workflow_twin_runs(comfy, name):
 
 def test_fused_conditioning_equals_core_reference(comfy, tiny_model, text_encoder):
     """The CONDITIONING from ComfyUI's CLIP equals blip_core's context-aware text encoder (<= 1e-5, fp32)."""
-    graph = probe(zero_shot(tiny_model, prompt="swimming underwater in a very long sentence " * 3), "20", "fuse",
-                  conditioning=["4", 0], subject=["3", 0])
+    graph = probe(
+        zero_shot(tiny_model, prompt="swimming underwater in a very long sentence " * 3),
+        "20",
+        "fuse",
+        conditioning=["4", 0],
+        subject=["3", 0],
+    )
     del graph["9"], graph["8"], graph["7"]
     comfy.run_ok(graph)
     tensors, meta = comfy.probe("fuse")
@@ -54,8 +57,13 @@ def test_fused_conditioning_equals_core_reference(comfy, tiny_model, text_encode
 
 @pytest.mark.parametrize("strength", [0.0, 0.5])
 def test_prompt_strength(comfy, tiny_model, text_encoder, strength):
-    graph = probe(zero_shot(tiny_model, strength=strength, target="tiger"), "20", f"strength{strength}",
-                  conditioning=["4", 0], subject=["3", 0])
+    graph = probe(
+        zero_shot(tiny_model, strength=strength, target="tiger"),
+        "20",
+        f"strength{strength}",
+        conditioning=["4", 0],
+        subject=["3", 0],
+    )
     del graph["9"], graph["8"], graph["7"]
     comfy.run_ok(graph)
     tensors, _ = comfy.probe(f"strength{strength}")
@@ -66,8 +74,8 @@ def test_prompt_strength(comfy, tiny_model, text_encoder, strength):
 def test_per_latent_subjects_pair_with_latents(comfy, tiny_model, text_encoder):
     """multi_image 'per latent': image i conditions latent i, in one CONDITIONING batch."""
     graph = zero_shot(tiny_model, batch=2, multi_image="per latent", prefix="per_latent")
-    graph["10"] = {"class_type": "ImageFlip", "inputs": {"image": ["2", 0], "flip_method": "x-axis: vertically"}}
-    graph["11"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["10", 0]}}
+    graph.add("ImageFlip", "10", image=["2", 0], flip_method="x-axis: vertically")
+    graph.add("ImageBatch", "11", image1=["2", 0], image2=["10", 0])
     graph["3"]["inputs"]["image"] = ["11", 0]
     probe(graph, "20", "per_latent", conditioning=["4", 0], subject=["3", 0])
     entry = comfy.run_ok(graph)
@@ -80,7 +88,7 @@ def test_per_latent_subjects_pair_with_latents(comfy, tiny_model, text_encoder):
 
 def test_per_latent_batch_mismatch_is_a_clear_error(comfy, tiny_model):
     graph = zero_shot(tiny_model, batch=3, multi_image="per latent")
-    graph["11"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["2", 0]}}
+    graph.add("ImageBatch", "11", image1=["2", 0], image2=["2", 0])
     graph["3"]["inputs"]["image"] = ["11", 0]
     error = execution_error(comfy.run(graph))
     assert error["node_type"] == "BlipDiffusionSampler"
@@ -90,13 +98,24 @@ def test_per_latent_batch_mismatch_is_a_clear_error(comfy, tiny_model):
 def test_fused_conditioning_with_stock_nodes(comfy, tiny_model):
     """The fused CONDITIONING is native: stock KSampler, ConditioningSetTimestepRange and ConditioningCombine."""
     graph = zero_shot(tiny_model, prefix="stock")
-    graph["12"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat swimming underwater"}}
-    graph["13"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["4", 0], "start": 0.0, "end": 0.5}}
-    graph["14"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["12", 0], "start": 0.5, "end": 1.0}}
-    graph["15"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["13", 0], "conditioning_2": ["14", 0]}}
-    graph["7"] = {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["15", 0], "negative": ["5", 0],
-                                                       "latent_image": ["6", 0], "seed": 3, "steps": 3, "cfg": 7.5,
-                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    graph.add("CLIPTextEncode", "12", clip=["1", 1], text="a cat swimming underwater")
+    graph.add("ConditioningSetTimestepRange", "13", conditioning=["4", 0], start=0.0, end=0.5)
+    graph.add("ConditioningSetTimestepRange", "14", conditioning=["12", 0], start=0.5, end=1.0)
+    graph.add("ConditioningCombine", "15", conditioning_1=["13", 0], conditioning_2=["14", 0])
+    graph.add(
+        "KSampler",
+        "7",
+        model=["1", 0],
+        positive=["15", 0],
+        negative=["5", 0],
+        latent_image=["6", 0],
+        seed=3,
+        steps=3,
+        cfg=7.5,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
     assert comfy.image(comfy.run_ok(graph), "9").shape == (128, 128, 3)
 
 
@@ -109,20 +128,29 @@ def test_plms_as_a_sampler_for_sampler_custom(comfy, tiny_model):
     """BLIP-Diffusion PLMS Sampler + Reference Sigmas in stock SamplerCustom = BlipDiffusionSampler."""
     reference = latent_of(comfy, zero_shot(tiny_model, seed=5, prefix="plms_a"), "plms_a")
     graph = zero_shot(tiny_model, seed=5, prefix="plms_b")
-    graph["16"] = {"class_type": "BlipDiffusionPLMSSampler", "inputs": {}}
-    graph["17"] = {"class_type": "BlipDiffusionReferenceSigmas", "inputs": {"steps": 3, "denoise": 1.0}}
-    graph["7"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 5,
-                                                            "cfg": 7.5, "positive": ["4", 0], "negative": ["5", 0],
-                                                            "sampler": ["16", 0], "sigmas": ["17", 0],
-                                                            "latent_image": ["6", 0]}}
+    graph.add("BlipDiffusionPLMSSampler", "16")
+    graph.add("BlipDiffusionReferenceSigmas", "17", steps=3, denoise=1.0)
+    graph.add(
+        "SamplerCustom",
+        "7",
+        model=["1", 0],
+        add_noise=True,
+        noise_seed=5,
+        cfg=7.5,
+        positive=["4", 0],
+        negative=["5", 0],
+        sampler=["16", 0],
+        sigmas=["17", 0],
+        latent_image=["6", 0],
+    )
     assert torch.equal(latent_of(comfy, graph, "plms_b"), reference)
 
 
 def test_batch_noise_mask_and_denoise(comfy, tiny_model):
     """Two latents, an inpainting noise mask and img2img strength all run on the reference sampler."""
     graph = zero_shot(tiny_model, batch=2, prefix="masked")
-    graph["18"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 128}}
-    graph["19"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["6", 0], "mask": ["18", 0]}}
+    graph.add("SolidMask", "18", value=1.0, width=64, height=128)
+    graph.add("SetLatentNoiseMask", "19", samples=["6", 0], mask=["18", 0])
     graph["7"]["inputs"].update(latent_image=["19", 0], denoise=0.6)
     assert len(comfy.run_ok(graph)["outputs"]["9"]["images"]) == 2
 
@@ -152,8 +180,7 @@ def micro_encoder(comfy_base) -> str:
 
 def test_subject_from_another_model_width_is_a_clear_error(comfy, tiny_model, micro_encoder):
     graph = zero_shot(tiny_model)
-    graph["21"] = {"class_type": "BlipDiffusionSubjectEncoderLoader", "inputs": {"model_name": micro_encoder,
-                                                                                 "weight_dtype": "fp32"}}
+    graph.add("BlipDiffusionSubjectEncoderLoader", "21", model_name=micro_encoder, weight_dtype="fp32")
     graph["3"]["inputs"]["subject_encoder"] = ["21", 0]
     error = execution_error(comfy.run(graph))
     assert error["node_type"] == "BlipDiffusionMultimodalPromptFuse"
@@ -162,29 +189,28 @@ def test_subject_from_another_model_width_is_a_clear_error(comfy, tiny_model, mi
 
 # --- parity with the real diffusers pipeline ---------------------------------------------------
 
-def reference_python() -> Path:
-    python = Path(os.environ.get("REFERENCE_PYTHON", ROOT / ".refvenv" / "bin" / "python"))
-    if not python.is_file():
-        pytest.fail(f"the reference venv is missing ({python}): `make test` builds it")
-    return python
-
-
-def run_reference(tmp_path: Path, **request) -> dict:
-    (tmp_path / "request.json").write_text(json.dumps(request))
-    out = tmp_path / "reference.npz"
-    subprocess.run([str(reference_python()), str(ROOT / "tools" / "reference" / "run_pipeline.py"),
-                    str(tmp_path / "request.json"), str(out)], check=True, capture_output=True, timeout=900)
-    return dict(np.load(out))
-
 
 @pytest.mark.reference
-def test_end_to_end_parity_with_diffusers(comfy, comfy_base, tiny_model, model_dir, tmp_path):
+def test_end_to_end_parity_with_diffusers(comfy, comfy_base, tiny_model, model_dir, reference):
     """The same weights, photo, prompt and seed through ComfyUI and through BlipDiffusionPipeline."""
     settings = dict(prompt="swimming underwater", negative=NEGATIVE, seed=7, steps=3, size=128)
-    ref = run_reference(tmp_path, model=str(model_dir), image=str(comfy_base / "input" / "blipd_example_cat.jpg"),
-                        subject="cat", target="cat", prompt=settings["prompt"], negative=settings["negative"],
-                        seed=settings["seed"], steps=settings["steps"], guidance=7.5, height=128, width=128,
-                        strength=1.0, reps=20, control_image=None)
+    ref = reference(
+        "run_pipeline.py",
+        model=str(model_dir),
+        image=str(comfy_base / "input" / "blipd_example_cat.jpg"),
+        subject="cat",
+        target="cat",
+        prompt=settings["prompt"],
+        negative=settings["negative"],
+        seed=settings["seed"],
+        steps=settings["steps"],
+        guidance=7.5,
+        height=128,
+        width=128,
+        strength=1.0,
+        reps=20,
+        control_image=None,
+    )
     graph = zero_shot(tiny_model, prefix="parity", **settings)
     probe(graph, "20", "parity_pos", conditioning=["4", 0])
     probe(graph, "21", "parity_neg", conditioning=["5", 0])

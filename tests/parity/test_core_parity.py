@@ -10,11 +10,28 @@ import numpy as np
 import pytest
 import torch
 
-from blip_core import build_prompt, load_subject_encoder, load_text_encoder, preprocess
-from blip_core.bert_tokenizer import tokenize_subjects
-from blip_core.sampling import alphas_cumprod, plms_call_timesteps, reference_sigmas, sample_plms
+from blip_diffusion_nodes.blip_core.bert_tokenizer import tokenize_subjects
+from blip_diffusion_nodes.blip_core.preprocess import preprocess
+from blip_diffusion_nodes.blip_core.prompt import build_prompt
+from blip_diffusion_nodes.blip_core.sampling import (
+    DDIM_OFFSET,
+    alphas_cumprod,
+    invert_ddim,
+    reference_sigmas,
+    reference_timesteps,
+    sample_ddim,
+    sample_plms,
+)
+from blip_diffusion_nodes.blip_core.subject_encoder import load_subject_encoder
+from blip_diffusion_nodes.tools.context_clip import load_text_encoder
 
 ATOL = 1e-5
+
+
+def plms_call_timesteps(steps: int) -> list[int]:
+    """The timesteps at which the reference calls the model: PNDM evaluates the second one twice."""
+    t = reference_timesteps(steps)
+    return t[:1] + t[1:2] + t[1:] if len(t) > 1 else t
 
 
 def case_names(fixture):
@@ -103,7 +120,7 @@ def test_plms_matches_diffusers_scheduler(core_fixture, steps):
     def eps_fn(x, sigma):
         t = int((table - sigma).abs().argmin())
         calls.append(t)
-        z = x / (1 + sigma ** 2).sqrt()
+        z = x / (1 + sigma**2).sqrt()
         return synthetic_eps(z.float(), t, weight).double()
 
     x = z_init.double() * (1 + sigmas[0] ** 2).sqrt()
@@ -112,3 +129,48 @@ def test_plms_matches_diffusers_scheduler(core_fixture, steps):
     assert calls == plms_call_timesteps(steps)[:-1]  # the reference's last call is a no-op
     ref = torch.from_numpy(core_fixture[f"plms_{steps}/z_final"]).double()
     assert (z_final - ref).abs().max().item() <= 1e-4
+
+
+def traced(fixture, steps: int, kind: str, loop, sigmas: torch.Tensor) -> float:
+    """max |ours - diffusers| over every step of a DDIM or inversion run on the synthetic predictor, relative to
+    the range of the reference's samples."""
+    weight = torch.from_numpy(fixture[f"ddim_{steps}/weight"])
+    table = training_table()
+    sigmas = sigmas.double()
+    seen = []
+
+    def eps_fn(x, sigma):
+        t = int((table - sigma).abs().argmin())
+        return synthetic_eps((x / (1 + sigma**2).sqrt()).float(), t, weight).double()
+
+    def record(i, x, denoised):
+        seen.append(x)
+
+    x = torch.from_numpy(fixture[f"ddim_{steps}/z_init"]).double() * (1 + sigmas[0] ** 2).sqrt()
+    x = loop(eps_fn, x, sigmas, record)
+    ours = [*seen[1:], x]  # the sample after each step
+    worst = 0.0
+    for i, (sample, sigma) in enumerate(zip(ours, sigmas[1:])):
+        ref = torch.from_numpy(fixture[f"ddim_{steps}/{kind}_{i}"]).double()
+        z = sample / (1 + sigma**2).sqrt()
+        worst = max(worst, ((z - ref).abs().max() / (ref.max() - ref.min())).item())
+    return worst
+
+
+def training_table() -> torch.Tensor:
+    abar = alphas_cumprod().double()
+    return ((1 - abar) / abar).sqrt()
+
+
+@pytest.mark.parametrize("steps", [3, 25])
+def test_ddim_matches_diffusers_scheduler_step_by_step(core_fixture, steps):
+    assert reference_timesteps(steps, DDIM_OFFSET) == core_fixture[f"ddim_{steps}/ddim_timesteps"].tolist()
+    assert traced(core_fixture, steps, "ddim", sample_ddim, reference_sigmas(steps, DDIM_OFFSET)) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [3, 25])
+def test_inversion_matches_ddim_inverse_scheduler_step_by_step(core_fixture, steps):
+    """Each step evaluates eps at the level it steps to, on the sample of the level it leaves."""
+    assert reference_timesteps(steps, DDIM_OFFSET)[::-1] == core_fixture[f"ddim_{steps}/inverse_timesteps"].tolist()
+    sigmas = reference_sigmas(steps, DDIM_OFFSET).flip(0)
+    assert traced(core_fixture, steps, "inverse", invert_ddim, sigmas) <= 1e-4

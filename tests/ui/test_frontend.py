@@ -26,8 +26,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfy_server import PACK_NAME
-from workflows import SIZE_INPUTS, shrink  # tools/workflows.py: the CPU-friendly edit the server tests use too
+from blip_diffusion_nodes.tests.graphs import (  # the CPU-friendly edit the server tests use too
+    SIZE_INPUTS,
+    shrink,
+    twin,
+)
+from blip_diffusion_nodes.tools.comfy_server import PACK_NAME
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -48,11 +52,17 @@ def _browser_or_skip() -> None:
         pytest.skip("no node or tests/ui/node_modules: run `make ui-deps`")
 
 
-def drive(url: str, files: list[Path], *options: str, timeout: float = 400) -> dict[str, dict]:
+def drive(url: str, files: list[Path], *options: str, timeout: float = 900) -> dict[str, dict]:
     """Run drive.js; its JSON lines by workflow name. Its own process group, so that a timeout also ends
     the Chromium that playwright started (killing node alone would leave it running)."""
-    proc = subprocess.Popen(["node", str(HERE / "drive.js"), url, *options, *map(str, files)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["node", str(HERE / "drive.js"), url, *options, *map(str, files)],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -83,10 +93,6 @@ def browser_runs(request, tmp_path_factory) -> dict[str, dict]:
     if "--shots" in options:
         write_thumbnails(results)
     return results
-
-
-def twin(name: str) -> dict:
-    return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
 
 
 def nodes_by_id(prompt: dict) -> dict:
@@ -192,4 +198,6 @@ def write_thumbnails(results: dict[str, dict]) -> None:
     # octree keeps the link colours, median cut shifted them).
     shot = Image.open(report(results, "zero_shot")["screenshot"]).convert("RGB")
     (ROOT / "docs").mkdir(exist_ok=True)
-    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(ROOT / "docs" / "zero_shot_graph.png", optimize=True)
+    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(
+        ROOT / "docs" / "zero_shot_graph.png", optimize=True
+    )

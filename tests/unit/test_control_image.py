@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_core import resize_control_image
+from blip_diffusion_nodes.blip_core.control import resize_control_image
 
 
 def pixels(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -18,9 +18,14 @@ def pixels(height: int, width: int, seed: int = 0) -> np.ndarray:
 def reference(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
 
-    out = BlipImageProcessor().preprocess(Image.fromarray(image), size={"width": width, "height": height},
-                                          do_rescale=True, do_center_crop=False, do_normalize=False,
-                                          return_tensors="pt")["pixel_values"]
+    out = BlipImageProcessor().preprocess(
+        Image.fromarray(image),
+        size={"width": width, "height": height},
+        do_rescale=True,
+        do_center_crop=False,
+        do_normalize=False,
+        return_tensors="pt",
+    )["pixel_values"]
     return out.movedim(1, -1)
 
 

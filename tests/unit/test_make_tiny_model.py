@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from make_tiny_model import make_model, weights_digest
+from blip_diffusion_nodes.tools.make_tiny_model import make_model, weights_digest
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -21,9 +21,15 @@ def test_released_layout(tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "BlipDiffusionPipeline" and index["ctx_begin_pos"] == 2
     assert index["qformer"] == ["blip_diffusion", "Blip2QFormerModel"]
-    for part in ("qformer/config.json", "qformer/model.safetensors", "text_encoder/model.safetensors",
-                 "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
-                 "image_processor/preprocessor_config.json"):
+    for part in (
+        "qformer/config.json",
+        "qformer/model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "image_processor/preprocessor_config.json",
+    ):
         assert (folder / part).is_file(), part
     bin_folder = make_model(tmp_path / "b", size="micro", fmt="bin")
     state = torch.load(bin_folder / "qformer" / "pytorch_model.bin", weights_only=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from blip_core import build_prompt, reference_sigmas, reference_timesteps, sample_plms, splice_context
+from blip_diffusion_nodes.blip_core.prompt import build_prompt, splice_context
+from blip_diffusion_nodes.blip_core.sampling import reference_sigmas, reference_timesteps, sample_plms
 
 
 def test_build_prompt_repeats_and_floors():

@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blip_core import Subject, average_views, blend, load_subject, parse_weights, save_subject, subject_from_lavis
-from blip_core.subject_file import FORMAT, VERSION
+from blip_diffusion_nodes.blip_core.subject import Subject
+from blip_diffusion_nodes.blip_core.subject_blend import average_views, blend, parse_weights
+from blip_diffusion_nodes.blip_core.subject_file import FORMAT, VERSION, load_subject, save_subject, subject_from_lavis
 
 
 def subject(seed: int, views: int = 1, category: str = "dog", **metadata) -> Subject:
@@ -21,9 +22,13 @@ def subject(seed: int, views: int = 1, category: str = "dog", **metadata) -> Sub
 def test_parse_weights_scales_to_one_and_rejects_what_it_cannot_use():
     assert parse_weights("  ", 3) is None
     assert torch.equal(parse_weights("2, 1, 1", 3), torch.tensor([0.5, 0.25, 0.25]))
-    for text, count, message in (("1, 2", 3, "expected 3 weights"), ("1, x", 2, "comma-separated numbers"),
-                                 ("1, -1", 2, "zero or positive"), ("0, 0", 2, "positive sum"),
-                                 ("nan, 1", 2, "zero or positive")):
+    for text, count, message in (
+        ("1, 2", 3, "expected 3 weights"),
+        ("1, x", 2, "comma-separated numbers"),
+        ("1, -1", 2, "zero or positive"),
+        ("0, 0", 2, "positive sum"),
+        ("nan, 1", 2, "zero or positive"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_weights(text, count)
 
@@ -67,14 +72,22 @@ def test_subject_file_round_trip_is_bit_exact(tmp_path):
     assert (loaded.category, loaded.metadata) == (original.category, original.metadata)
     with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
         assert list(f.keys()) == ["embeds"]
-        assert f.metadata() == {"format": FORMAT, "version": VERSION, "category": "teapot", "preprocess": "crop",
-                                "encoder": "blipdiffusion", "image_sha256": "ab"}
+        assert f.metadata() == {
+            "format": FORMAT,
+            "version": VERSION,
+            "category": "teapot",
+            "preprocess": "crop",
+            "encoder": "blipdiffusion",
+            "image_sha256": "ab",
+        }
 
 
 def test_subject_file_errors_say_what_was_expected(tmp_path):
     embeds = {"embeds": torch.zeros(1, 16, 768)}
     save_file(embeds, str(tmp_path / "v2.safetensors"), metadata={"format": FORMAT, "version": "2", "category": "x"})
-    with pytest.raises(ValueError, match=r"v2.safetensors is a subject file of format version '2'; .* reads version '1'"):
+    with pytest.raises(
+        ValueError, match=r"v2.safetensors is a subject file of format version '2'; .* reads version '1'"
+    ):
         load_subject(tmp_path / "v2.safetensors")
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
     with pytest.raises(ValueError, match="lora.safetensors is not a BLIP-Diffusion subject file"):
@@ -106,8 +119,10 @@ def test_lavis_cache_import(tmp_path, layout):
 
 
 def test_lavis_import_refuses_code_zeros_and_other_files(tmp_path):
-    torch.save({"model": {"ctx_embeddings_cache": torch.ones(1, 16, 768)}, "args": argparse.Namespace(lr=1)},
-               tmp_path / "code.pth")
+    torch.save(
+        {"model": {"ctx_embeddings_cache": torch.ones(1, 16, 768)}, "args": argparse.Namespace(lr=1)},
+        tmp_path / "code.pth",
+    )
     with pytest.raises(ValueError, match="weights_only=True rejected it"):
         subject_from_lavis(tmp_path / "code.pth", "dog")
     lavis_checkpoint(tmp_path / "base.pth", torch.zeros(1, 16, 768))

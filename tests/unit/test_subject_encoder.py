@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip_core import SubjectEncoderConfig, load_subject_encoder
-from blip_core.preprocess import preprocess
-from make_tiny_model import make_model
+from blip_diffusion_nodes.blip_core.config import SubjectEncoderConfig
+from blip_diffusion_nodes.blip_core.preprocess import preprocess
+from blip_diffusion_nodes.blip_core.subject_encoder import SubjectEncoderModel, load_subject_encoder
+from blip_diffusion_nodes.tools.make_tiny_model import make_model
 
 IMAGES = torch.rand(2, 40, 56, 3, generator=torch.Generator().manual_seed(0))
 
@@ -33,7 +34,6 @@ def test_shapes_and_dtype(encoder, reference_output):
 
 def test_released_checkpoint_has_679_tensors_and_full_size_parameter_count():
     with torch.device("meta"):
-        from blip_core import SubjectEncoderModel
         model = SubjectEncoderModel(SubjectEncoderConfig())
     state = model.state_dict()
     assert len(state) + 1 == 679  # + embeddings.position_ids, which is recomputed rather than loaded
@@ -48,8 +48,9 @@ def test_pickle_bin_loads_the_same_numbers(tmp_path, reference_output):
 
 
 def test_qformer_folder_and_single_file(micro_model, reference_output):
-    assert torch.equal(load_subject_encoder(micro_model / "qformer").encode(IMAGES, ["dog", "teddy bear"]),
-                       reference_output)
+    assert torch.equal(
+        load_subject_encoder(micro_model / "qformer").encode(IMAGES, ["dog", "teddy bear"]), reference_output
+    )
     config = SubjectEncoderConfig.from_json(micro_model / "qformer" / "config.json")
     single = load_subject_encoder(micro_model / "qformer" / "model.safetensors", config=config)
     assert torch.equal(single.encode(IMAGES, ["dog", "teddy bear"]), reference_output)
@@ -58,17 +59,27 @@ def test_qformer_folder_and_single_file(micro_model, reference_output):
 def to_lavis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The original LAVIS names, written from the mapping table of the diffusers conversion script."""
     out = {}
-    blocks = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.qkv.weight": "attn.in_proj_weight",
-              "self_attn.qkv.bias": "attn.in_proj_bias", "self_attn.projection": "attn.out_proj",
-              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    blocks = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "self_attn.qkv.weight": "attn.in_proj_weight",
+        "self_attn.qkv.bias": "attn.in_proj_bias",
+        "self_attn.projection": "attn.out_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
     for key, value in state.items():
         if key.startswith("proj_layer."):
             out[key] = value
         elif key == "query_tokens":
             out["blip.query_tokens"] = value
         elif key.startswith(("embeddings.", "encoder.")):
-            out["blip.Qformer.bert." + key.replace(".attention.attention.", ".attention.self.")
-                .replace(".crossattention.attention.", ".crossattention.self.")] = value
+            out[
+                "blip.Qformer.bert."
+                + key.replace(".attention.attention.", ".attention.self.").replace(
+                    ".crossattention.attention.", ".crossattention.self."
+                )
+            ] = value
         elif key == "visual_encoder.embeddings.class_embedding":
             out["blip.visual_encoder.class_embedding"] = value.reshape(-1)
         elif key == "visual_encoder.embeddings.position_embedding":
@@ -80,9 +91,9 @@ def to_lavis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key.startswith("visual_encoder.post_layernorm."):
             out["blip.ln_vision." + key.rsplit(".", 1)[1]] = value
         else:
-            index, rest = key[len("visual_encoder.encoder.layers."):].split(".", 1)
+            index, rest = key[len("visual_encoder.encoder.layers.") :].split(".", 1)
             old = next(k for k in blocks if rest.startswith(k))
-            out[f"blip.visual_encoder.transformer.resblocks.{index}.{blocks[old]}{rest[len(old):]}"] = value
+            out[f"blip.visual_encoder.transformer.resblocks.{index}.{blocks[old]}{rest[len(old) :]}"] = value
     # what a full LAVIS BLIP-Diffusion checkpoint also holds and the subject encoder ignores
     out["blip.vision_proj.weight"] = torch.zeros(4, 4)
     out["unet.conv_in.weight"] = torch.zeros(1)
@@ -104,8 +115,11 @@ def test_half_precision_stays_close(micro_model, reference_output, dtype):
     assert out.dtype == torch.float32  # handed back in float32 whatever the compute dtype
     cosine = torch.nn.functional.cosine_similarity(out.flatten(1), reference_output.flatten(1))
     assert cosine.min() > 0.995, cosine
-    assert all(p.dtype == torch.float32 for n, p in load_subject_encoder(micro_model, dtype=dtype).model.named_parameters()
-               if "norm" in n.lower())  # LayerNorms stay float32
+    assert all(
+        p.dtype == torch.float32
+        for n, p in load_subject_encoder(micro_model, dtype=dtype).model.named_parameters()
+        if "norm" in n.lower()
+    )  # LayerNorms stay float32
 
 
 def test_vision_eps_defaults_to_the_original_1e5(tmp_path):
@@ -132,6 +146,7 @@ def test_mask_whitens_the_background():
 
 
 # --- bad input --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("subject", ["", "   "])
 def test_empty_subject(encoder, subject):

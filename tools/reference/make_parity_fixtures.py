@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip_diffusion_nodes.tools.make_tiny_model import weights_digest
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-from make_tiny_model import weights_digest  # noqa: E402
 BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
 
 # (name, PIL mode, width, height, subject categories, prompt, target, strength)
@@ -66,17 +66,29 @@ def load_reference(model_dir: Path, vocab_dir: Path):
 
 def reference_pipeline(qformer, text_encoder, tokenizer, processor, model_dir: Path):
     from diffusers import BlipDiffusionPipeline
+
     index = json.loads((model_dir / "model_index.json").read_text())
-    return BlipDiffusionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, unet=None, scheduler=None,
-                                 qformer=qformer, image_processor=processor, ctx_begin_pos=index["ctx_begin_pos"],
-                                 mean=index["mean"], std=index["std"])
+    return BlipDiffusionPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=None,
+        unet=None,
+        scheduler=None,
+        qformer=qformer,
+        image_processor=processor,
+        ctx_begin_pos=index["ctx_begin_pos"],
+        mean=index["mean"],
+        std=index["std"],
+    )
 
 
 def plms_trace(steps: int, seed: int = 0) -> dict[str, np.ndarray]:
     """diffusers' PNDMScheduler on a fixed synthetic noise predictor (VP form), for the sampler test."""
     from diffusers import PNDMScheduler
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, skip_prk_steps=True)
+
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True
+    )
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(1, 4, 8, 8, generator=g)
@@ -86,6 +98,34 @@ def plms_trace(steps: int, seed: int = 0) -> dict[str, np.ndarray]:
         eps = synthetic_eps(z, int(t), weight)
         z = scheduler.step(eps, t, z).prev_sample
     return {"z_init": z0.numpy(), "z_final": z.numpy(), "weight": weight.numpy()}
+
+
+def ddim_traces(steps: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """diffusers' DDIMScheduler (eta 0) and DDIMInverseScheduler with SD-1.5's DDIM config (as LAVIS's editing)
+    on the synthetic noise predictor, every step's sample kept."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    config = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    g = torch.Generator().manual_seed(seed)
+    z_init = torch.randn(1, 4, 8, 8, generator=g)
+    weight = torch.randn(4, 4, generator=g) / 2
+    out = {"z_init": z_init.numpy(), "weight": weight.numpy()}
+    for name, cls in (("ddim", DDIMScheduler), ("inverse", DDIMInverseScheduler)):
+        scheduler = cls(**config)
+        scheduler.set_timesteps(steps)
+        z = z_init.clone()
+        for i, t in enumerate(scheduler.timesteps):
+            z = scheduler.step(synthetic_eps(z, int(t), weight), t, z).prev_sample
+            out[f"{name}_{i}"] = z.numpy()
+        out[f"{name}_timesteps"] = scheduler.timesteps.numpy()
+    return out
 
 
 def synthetic_eps(z: torch.Tensor, t: int, weight: torch.Tensor) -> torch.Tensor:
@@ -105,30 +145,53 @@ def main(model_dir: Path, out: Path) -> None:
     for name, mode, w, h, subjects, prompt, target, strength in CASES:
         raw = images_for(name, mode, w, h, len(subjects))
         pil = [to_pil(a, mode) for a in raw]
-        pixels = processor.preprocess(pil, image_mean=pipe.config.mean, image_std=pipe.config.std,
-                                      return_tensors="pt")["pixel_values"]
+        pixels = processor.preprocess(pil, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt")[
+            "pixel_values"
+        ]
         bert = qformer.tokenizer(subjects, return_tensors="pt", padding=True)
         query = pipe.get_query_embeddings(pixels, subjects)
         prompts = pipe._build_prompt([prompt] * len(subjects), [target] * len(subjects), prompt_strength=strength)
         max_len = text_encoder.text_model.config.max_position_embeddings - qformer.config.num_query_tokens
-        clip_ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len,
-                             return_tensors="pt").input_ids
+        clip_ids = tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        ).input_ids
         cond = pipe.encode_prompt(query, prompts, device="cpu")
-        uncond_ids = tokenizer([NEGATIVE] * len(subjects), padding="max_length",
-                               max_length=text_encoder.text_model.config.max_position_embeddings,
-                               return_tensors="pt").input_ids
+        uncond_ids = tokenizer(
+            [NEGATIVE] * len(subjects),
+            padding="max_length",
+            max_length=text_encoder.text_model.config.max_position_embeddings,
+            return_tensors="pt",
+        ).input_ids
         uncond = text_encoder(input_ids=uncond_ids, ctx_embeddings=None)[0]
         for i, a in enumerate(raw):
             arrays[f"{name}/image{i}"] = a
-        arrays.update({f"{name}/pixel_values": pixels.numpy(), f"{name}/bert_ids": bert.input_ids.numpy(),
-                       f"{name}/query_embeds": query.numpy(), f"{name}/clip_ids": clip_ids.numpy(),
-                       f"{name}/cond": cond.numpy(), f"{name}/uncond_ids": uncond_ids.numpy(),
-                       f"{name}/uncond": uncond.numpy()})
-        meta["cases"].append({"name": name, "mode": mode, "subjects": subjects, "prompt": prompt, "target": target,
-                              "strength": strength, "built_prompts": prompts})
+        arrays.update(
+            {
+                f"{name}/pixel_values": pixels.numpy(),
+                f"{name}/bert_ids": bert.input_ids.numpy(),
+                f"{name}/query_embeds": query.numpy(),
+                f"{name}/clip_ids": clip_ids.numpy(),
+                f"{name}/cond": cond.numpy(),
+                f"{name}/uncond_ids": uncond_ids.numpy(),
+                f"{name}/uncond": uncond.numpy(),
+            }
+        )
+        meta["cases"].append(
+            {
+                "name": name,
+                "mode": mode,
+                "subjects": subjects,
+                "prompt": prompt,
+                "target": target,
+                "strength": strength,
+                "built_prompts": prompts,
+            }
+        )
     from diffusers import PNDMScheduler
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, skip_prk_steps=True)
+
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True
+    )
     arrays["schedule/alphas_cumprod"] = scheduler.alphas_cumprod.numpy()
     for steps in SCHEDULE_STEPS:
         scheduler.set_timesteps(steps)
@@ -136,6 +199,8 @@ def main(model_dir: Path, out: Path) -> None:
     for steps in (3, 25):
         for k, v in plms_trace(steps).items():
             arrays[f"plms_{steps}/{k}"] = v
+        for k, v in ddim_traces(steps).items():
+            arrays[f"ddim_{steps}/{k}"] = v
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)

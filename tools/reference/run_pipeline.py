@@ -39,8 +39,14 @@ def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str 
     from_pretrained of the pipelines fails for the released layout in diffusers >= 0.38, so
     each component is loaded from its subfolder and the pipelines are constructed directly.
     """
-    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
-    from diffusers import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
+    from diffusers import (
+        AutoencoderKL,
+        BlipDiffusionControlNetPipeline,
+        BlipDiffusionPipeline,
+        ControlNetModel,
+        PNDMScheduler,
+        UNet2DConditionModel,
+    )
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
@@ -76,8 +82,10 @@ def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str 
 
 def record_first(module, store: dict, key: str, pick=lambda out: out):
     """Keep the first output of `module` under `key`."""
+
     def hook(_, __, out):
         store.setdefault(key, pick(out))
+
     return module.register_forward_hook(hook)
 
 
@@ -89,6 +97,7 @@ def scale_calls(controlnet, scales: list[float]):
         scale = next(calls)
         down, mid = out
         return [d * scale for d in down], mid * scale
+
     return controlnet.register_forward_hook(hook)
 
 
@@ -105,8 +114,10 @@ def main(request_file: Path, out: Path) -> None:
     pipe = plain if control is None else controlled
     store: dict[str, torch.Tensor] = {}
     texts: list[torch.Tensor] = []
-    hooks = [record_all(pipe.text_encoder, texts),
-             record_first(pipe.unet, store, "eps0", lambda out: out[0].detach().clone())]
+    hooks = [
+        record_all(pipe.text_encoder, texts),
+        record_first(pipe.unet, store, "eps0", lambda out: out[0].detach().clone()),
+    ]
     if req.get("control_scales") is not None:  # registered first: the recording hook sees scaled residuals
         hooks.append(scale_calls(pipe.controlnet, req["control_scales"]))
     if control is not None:
@@ -125,15 +136,31 @@ def main(request_file: Path, out: Path) -> None:
     args = [req["prompt"], Image.open(req["image"]).convert("RGB")]
     if control is not None:
         args.append(Image.open(control).convert("RGB"))
-    result = pipe(*args, req["subject"], req["target"], latents=noise.clone(), guidance_scale=req["guidance"],
-                  height=height, width=width, num_inference_steps=req["steps"], neg_prompt=req["negative"],
-                  prompt_strength=req["strength"], prompt_reps=req["reps"], output_type="pt")
+    result = pipe(
+        *args,
+        req["subject"],
+        req["target"],
+        latents=noise.clone(),
+        guidance_scale=req["guidance"],
+        height=height,
+        width=width,
+        num_inference_steps=req["steps"],
+        neg_prompt=req["negative"],
+        prompt_strength=req["strength"],
+        prompt_reps=req["reps"],
+        output_type="pt",
+    )
     for h in hooks:
         h.remove()
-    arrays = {"image": result.images[0].permute(1, 2, 0).numpy(), "noise": noise.numpy(),
-              "cond": texts[0].numpy(), "uncond": texts[1].numpy(), "eps0": store["eps0"].numpy(),
-              "timesteps": pipe.scheduler.timesteps.numpy(),
-              "latents_final": store["latents_final"].numpy()}
+    arrays = {
+        "image": result.images[0].permute(1, 2, 0).numpy(),
+        "noise": noise.numpy(),
+        "cond": texts[0].numpy(),
+        "uncond": texts[1].numpy(),
+        "eps0": store["eps0"].numpy(),
+        "timesteps": pipe.scheduler.timesteps.numpy(),
+        "latents_final": store["latents_final"].numpy(),
+    }
     if control is not None:
         down, mid = store["control0"]
         arrays.update({f"control0_down{i}": d.numpy() for i, d in enumerate(down)})

@@ -19,9 +19,15 @@ class ProbeSaveTensors:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"name": ("STRING", {"default": "probe"})},
-                "optional": {"conditioning": ("CONDITIONING",), "subject": ("BLIPD_SUBJECT",),
-                             "latent": ("LATENT",), "image": ("IMAGE",)}}
+        return {
+            "required": {"name": ("STRING", {"default": "probe"})},
+            "optional": {
+                "conditioning": ("CONDITIONING",),
+                "subject": ("BLIPD_SUBJECT",),
+                "latent": ("LATENT",),
+                "image": ("IMAGE",),
+            },
+        }
 
     def save(self, name, conditioning=None, subject=None, latent=None, image=None):
         tensors, meta = {}, {}
@@ -41,10 +47,7 @@ class ProbeSaveTensors:
             tensors["latent"] = latent["samples"]
         if image is not None:
             tensors["image"] = image
-        folder = os.path.join(folder_paths.get_output_directory(), "probe")
-        os.makedirs(folder, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(folder, f"{name}.safetensors"), metadata=meta)
+        _save(name, tensors, meta)
         return {"ui": {"probe": [name]}}
 
 
@@ -66,11 +69,15 @@ def _chain_hints(control):
     return hints
 
 
-def _save(name, tensors):
+def _save(name, tensors, metadata=None):
+    """output/probe/<name>.safetensors, every tensor as float32 (what tests/comfy reads with comfy.probe)."""
     folder = os.path.join(folder_paths.get_output_directory(), "probe")
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-              os.path.join(folder, f"{name}.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+        os.path.join(folder, f"{name}.safetensors"),
+        metadata=metadata,
+    )
 
 
 class ProbeControlResiduals:
@@ -145,5 +152,25 @@ class ProbeImageChannels:
         return (torch.cat([image, torch.full_like(image[..., :1], 0.5)], dim=-1),)
 
 
-NODE_CLASS_MAPPINGS = {"ProbeSaveTensors": ProbeSaveTensors, "ProbeControlResiduals": ProbeControlResiduals,
-                       "ProbeSaveControlNet": ProbeSaveControlNet, "ProbeImageChannels": ProbeImageChannels}
+class ProbeEmptyLatent:
+    """A LATENT of zero images, which no stock node makes."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def make(self):
+        return ({"samples": torch.zeros(0, 4, 8, 8)},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ProbeSaveTensors": ProbeSaveTensors,
+    "ProbeControlResiduals": ProbeControlResiduals,
+    "ProbeSaveControlNet": ProbeSaveControlNet,
+    "ProbeImageChannels": ProbeImageChannels,
+    "ProbeEmptyLatent": ProbeEmptyLatent,
+}

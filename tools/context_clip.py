@@ -1,9 +1,10 @@
-"""Reference context-aware CLIP text encoder (BLIP-Diffusion's `ContextCLIPTextModel`).
+"""A reference context-aware CLIP text encoder (BLIP-Diffusion's `ContextCLIPTextModel`), for tests and tools.
 
 The subject embeddings are inserted into the token-embedding sequence before the
 position embeddings are added; the rest is the plain SD-1.5 CLIP text transformer.
 In ComfyUI the same maths runs inside ComfyUI's own CLIP (see nodes/prompt.py); this
-module is the ComfyUI-independent reference the node is tested against.
+module is the ComfyUI-independent reference the node is tested against, and it gives
+tools/make_tiny_model.py the released text encoder's tensor layout. Users never run it.
 Parameter names follow transformers' `CLIPTextModel` (`text_model.*`).
 """
 
@@ -16,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import activation, attention, layer_norm, norm_layer
-from .loading import find_weights, load_strict, read_state_dict
-from .prompt import CTX_BEGIN_POS, MAX_LENGTH, splice_context
-
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+from blip_diffusion_nodes.blip_core.config import dataclass_from
+from blip_diffusion_nodes.blip_core.layers import activation, attention, layer_norm, norm_layer
+from blip_diffusion_nodes.blip_core.layout import TEXT_ENCODER
+from blip_diffusion_nodes.blip_core.loading import load_strict, read_state_dict
+from blip_diffusion_nodes.blip_core.prompt import CTX_BEGIN_POS, splice_context
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,8 @@ class TextConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_json(cls, path: Path) -> "TextConfig":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(**{k: type(getattr(cls, k))(data[k]) for k in cls.__dataclass_fields__ if k in data})
+    def from_json(cls, path: Path) -> TextConfig:
+        return dataclass_from(cls, json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 class TextLayer(nn.Module):
@@ -66,11 +66,16 @@ class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, operations=nn, dtype=None, device=None):
         super().__init__()
         self.embeddings = nn.Module()
-        self.embeddings.token_embedding = operations.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.embeddings.position_embedding = operations.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
-                                                                  dtype=dtype, device=device)
+        self.embeddings.token_embedding = operations.Embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
+        )
+        self.embeddings.position_embedding = operations.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, device=device
+        )
         self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(TextLayer(cfg, operations, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.encoder.layers = nn.ModuleList(
+            TextLayer(cfg, operations, dtype, device) for _ in range(cfg.num_hidden_layers)
+        )
         # diffusers builds it with nn.LayerNorm's default eps, whatever the config says
         self.final_layer_norm = norm_layer(operations, cfg.hidden_size, 1e-5, device)
 
@@ -99,11 +104,14 @@ class TextEncoder:
     def layout(self, prompt: str, num_context: int, begin: int = CTX_BEGIN_POS) -> list[int | None]:
         """Ids of the 77 positions; None marks where context embeddings go."""
         t = self.tokenizer
-        return splice_context(self.token_ids(prompt), [None] * num_context, t.bos_token_id, t.eos_token_id,
-                              t.pad_token_id, begin)
+        return splice_context(
+            self.token_ids(prompt), [None] * num_context, t.bos_token_id, t.eos_token_id, t.pad_token_id, begin
+        )
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], ctx: torch.Tensor | None = None, ctx_begin_pos: int = CTX_BEGIN_POS) -> torch.Tensor:
+    def encode(
+        self, prompts: list[str], ctx: torch.Tensor | None = None, ctx_begin_pos: int = CTX_BEGIN_POS
+    ) -> torch.Tensor:
         """[B,77,D] hidden states; with `ctx` [B,N,D] the N context embeddings go in at `ctx_begin_pos`."""
         table = self.model.embeddings.token_embedding
         device = table.weight.device
@@ -119,21 +127,19 @@ class TextEncoder:
         return self.model(torch.stack(rows)).float()
 
 
-def load_text_encoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      operations=nn) -> TextEncoder:
+def load_text_encoder(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, operations=nn
+) -> TextEncoder:
     """From a BLIP-Diffusion folder: `text_encoder/` (config + weights) and `tokenizer/`."""
     from transformers import CLIPTokenizer
 
     path = Path(path)
-    folder = path / "text_encoder"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no text_encoder/config.json")
-    weights = find_weights(folder, WEIGHT_NAMES)
+    weights = TEXT_ENCODER.weights_file(path)
     if not (path / "tokenizer").is_dir():
         raise FileNotFoundError(f"{path} has no tokenizer/ folder (vocab.json, merges.txt)")
-    config = TextConfig.from_json(folder / "config.json")
+    config = TextConfig.from_json(TEXT_ENCODER.config_file(path))
     state_dict = read_state_dict(weights)
-    state_dict = {k[len("text_model."):]: v for k, v in state_dict.items() if k.startswith("text_model.")}
+    state_dict = {k[len("text_model.") :]: v for k, v in state_dict.items() if k.startswith("text_model.")}
     state_dict.pop("embeddings.position_ids", None)
     with torch.device("meta"):
         model = CLIPTextTransformer(config, operations, dtype)

@@ -1,0 +1,97 @@
+"""The released BLIP-Diffusion folder layout, in one table.
+
+The loaders, the folder checks, the model lists of the nodes and the tiny-model maker all
+read it, so an accepted file name is written once. A model folder is the diffusers layout
+of Salesforce/blipdiffusion (and blipdiffusion-controlnet):
+
+    model_index.json
+    qformer/       config.json + transformers weights   BLIP-2 subject encoder
+    text_encoder/  config.json + transformers weights   CLIP-L text encoder
+    tokenizer/     CLIP vocabulary (not read: ComfyUI's SD-1.5 tokenizer is the same)
+    unet/          config.json + diffusers weights
+    vae/           config.json + diffusers weights
+    controlnet/    config.json + diffusers weights      (the -controlnet release only)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # read only with torch.load(weights_only=True)
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+MODEL_INDEX = "model_index.json"
+CONFIG = "config.json"
+RELEASE = "Salesforce/blipdiffusion"
+
+
+def _weight_names(safetensors_stem: str, pickle_stem: str) -> tuple[str, ...]:
+    """The names transformers and diffusers save under, in order of preference: [0] is what a
+    safetensors save writes, [1] what a pickle save writes."""
+    return (
+        f"{safetensors_stem}.safetensors",
+        f"{pickle_stem}.bin",
+        f"{safetensors_stem}.fp16.safetensors",
+        f"{pickle_stem}.fp16.bin",
+    )
+
+
+TRANSFORMERS_WEIGHTS = _weight_names("model", "pytorch_model")
+DIFFUSERS_WEIGHTS = _weight_names("diffusion_pytorch_model", "diffusion_pytorch_model")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A sub-folder of a model folder: its weight file names and whether the pack reads its config."""
+
+    folder: str
+    weights: tuple[str, ...]
+    reads_config: bool
+
+    def weights_file(self, model: Path) -> Path:
+        """`model/<folder>/<first existing name>`, or an error naming the folder and the files expected there."""
+        return self.weights_in(model / self.folder, model.name)
+
+    def weights_in(self, folder: Path, label: str = "") -> Path:
+        """The first of the accepted names that exists in `folder` (this part's folder, wherever it is)."""
+        for name in self.weights:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(
+            f"{label or folder.name}: missing {self.folder}/ weights: expected {folder}/"
+            f"{self.weights[0]} (or {', '.join(self.weights[1:])})"
+        )
+
+    def config_file(self, model: Path) -> Path:
+        return model / self.folder / CONFIG
+
+    def missing(self, model: Path) -> list[str]:
+        """What of this part is not in `model`, as `<folder>/<file>` entries."""
+        found = []
+        if self.reads_config and not self.config_file(model).is_file():
+            found.append(f"{self.folder}/{CONFIG}")
+        if not any((model / self.folder / name).is_file() for name in self.weights):
+            found.append(f"{self.folder}/{self.weights[0]} (or {', '.join(self.weights[1:])})")
+        return found
+
+
+QFORMER = Part("qformer", TRANSFORMERS_WEIGHTS, reads_config=True)
+# ComfyUI recognises the CLIP and the VAE from their tensors; their config.json files are not read.
+TEXT_ENCODER = Part("text_encoder", TRANSFORMERS_WEIGHTS, reads_config=False)
+UNET = Part("unet", DIFFUSERS_WEIGHTS, reads_config=True)
+VAE = Part("vae", DIFFUSERS_WEIGHTS, reads_config=False)
+CONTROLNET = Part("controlnet", DIFFUSERS_WEIGHTS, reads_config=True)
+LOADER_PARTS = (QFORMER, TEXT_ENCODER, UNET, VAE)  # what the BLIP-Diffusion Loader reads
+
+
+def check_model_folder(model: Path, parts: tuple[Part, ...] = LOADER_PARTS) -> None:
+    """Every file the loader reads, checked before any is loaded: one error lists all that are missing,
+    instead of failing on the last part after minutes of loading the others."""
+    missing = [entry for part in parts for entry in part.missing(model)]
+    if missing:
+        raise FileNotFoundError(
+            f"{model.name}: incomplete BLIP-Diffusion folder {model}: missing {'; '.join(missing)}. "
+            f"It needs the released layout ({MODEL_INDEX}, "
+            f"{', '.join(p.folder + '/' for p in LOADER_PARTS)}), e.g. a full download of {RELEASE}."
+        )
