@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p = argparse.ArgumentParser(
         prog="batch/run.py",
         description=__doc__.split("\n\n")[0],
-        epilog="See batch/README_section.md for the manifest and mapping format.",
+        epilog="The manifest and mapping format: see the README, section Rendering many subjects.",
     )
     p.add_argument("workflow", type=Path, help="API-format workflow JSON")
     p.add_argument("manifest", type=Path, help=".csv (with a header) or .jsonl, one job per row")

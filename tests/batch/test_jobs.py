@@ -20,6 +20,7 @@ from blip_diffusion_nodes.batch.jobs import (
 )
 from blip_diffusion_nodes.batch.run import main
 from blip_diffusion_nodes.batch.store import OutputStore
+from blip_diffusion_nodes.tests.comfy.reliability import covers
 from blip_diffusion_nodes.tests.graphs import zero_shot
 
 pytestmark = pytest.mark.batch
@@ -90,6 +91,7 @@ def test_values_take_the_workflows_types(workflow, tmp_path):
     assert inputs["4"]["inputs"]["prompt"] == "a red hat"
 
 
+@covers("batch-missing-image", "batch-unknown-column", "batch-duplicate-rows")
 def test_bad_rows_fail_alone_with_the_column_named(workflow, tmp_path):
     shutil.copy(CAT, tmp_path / "cat.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
@@ -117,6 +119,7 @@ def test_bad_rows_fail_alone_with_the_column_named(workflow, tmp_path):
     assert "row 8: not valid JSON" in messages[8]
 
 
+@covers("batch-unknown-column")
 def test_csv_header_with_an_unknown_column_stops_everything(workflow, tmp_path):
     with pytest.raises(BatchError, match="manifest header: unknown column 'colour'"):
         plan(workflow, tmp_path, "m.csv", "image,category,prompt,seed,colour\ncat.jpg,cat,p,1,red\n")
@@ -176,6 +179,7 @@ def test_mapping_file_and_options(workflow, tmp_path):
         Mapping(workflow, {"a": "7.seed", "b": "BlipDiffusionSampler.seed"})
 
 
+@covers("batch-killed-while-writing", "batch-second-run")
 def test_store_writes_whole_files_once_and_resumes(tmp_path):
     store = OutputStore(tmp_path)
     with pytest.raises(BatchError, match="another batch run is writing"):

@@ -26,6 +26,7 @@ from blip_diffusion_nodes.tests.batch.runner_helpers import (
     worker_servers,
     write_csv,
 )
+from blip_diffusion_nodes.tests.comfy.reliability import covers
 
 pytestmark = [pytest.mark.batch, pytest.mark.slow]
 
@@ -79,6 +80,7 @@ def test_twelve_jobs_on_two_workers(batch_inputs, comfy_base, tmp_path, env_for_
     assert not (comfy_base / "input" / "blipd_batch").exists()  # the workers' uploads are gone
 
 
+@covers("batch-server-killed", "batch-worker-killed")
 def test_killed_server_and_killed_worker_lose_nothing(batch_inputs, comfy_base, tmp_path, env_for_runner):
     """Mid-job: one worker's ComfyUI is killed, later the other worker's actor process. Every job finishes once."""
     rows = manifest_rows(12)
@@ -127,6 +129,7 @@ def test_killed_server_and_killed_worker_lose_nothing(batch_inputs, comfy_base, 
     assert "retrying" in output
 
 
+@covers("batch-interrupted")
 def test_interrupted_run_resumes_with_the_rest(batch_inputs, comfy_base, tmp_path, env_for_runner):
     rows = manifest_rows(8)
     manifest = write_csv(batch_inputs / "resume.csv", rows)
@@ -159,6 +162,9 @@ def test_interrupted_run_resumes_with_the_rest(batch_inputs, comfy_base, tmp_pat
     } == kept  # the first run's files were not written again
 
 
+@covers(
+    "batch-missing-image", "batch-empty-category", "batch-unknown-column", "batch-bad-number", "batch-runtime-error"
+)
 def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, comfy_base, tmp_path, env_for_runner):
     good = manifest_rows(3)
     rows = [
@@ -199,6 +205,7 @@ def test_bad_rows_fail_with_clear_messages_and_the_rest_finish(batch_inputs, com
     assert sorted(json.loads(p.with_suffix(".json").read_text())["row"] for p in pngs) == [1, 5, 7]
 
 
+@covers("batch-hung-job")
 def test_a_hung_job_is_retried_then_given_up(batch_inputs, comfy_base, tmp_path, env_for_runner):
     """A job that outlives --job-timeout counts as a hung server: restarted, retried --retries times, then failed."""
     manifest = write_csv(batch_inputs / "hung.csv", manifest_rows(1))
