@@ -135,10 +135,17 @@ def _start_ray(opts: Options) -> bool:
     """Connect to the cluster at --address / $RAY_ADDRESS, else start Ray on this machine. True if we started it."""
     if importlib.util.find_spec("ray") is None:
         raise BatchError("the batch runner needs Ray in this Python: pip install ray")
-    if opts.address or os.environ.get("RAY_ADDRESS"):
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
         import ray
 
-        ray.init(address=opts.address, logging_level="warning")
+        try:
+            ray.init(address=address, logging_level="warning")
+        except (ConnectionError, RuntimeError) as e:  # what ray.init raises when no cluster answers there
+            raise BatchError(
+                f"no Ray cluster answered at {address} ({str(e).splitlines()[0]}); check the address, and for a "
+                "cluster with token authentication set RAY_AUTH_MODE=token and its token here (README: On a cluster)"
+            ) from None
         return False
     # A local run needs no other machine: Ray's servers then listen on loopback only (Ray's own single-machine
     # mode, the default on macOS and Windows). It is read when ray is first imported, hence the late import.
@@ -148,6 +155,9 @@ def _start_ray(opts: Options) -> bool:
 
     workers = opts.workers or 1
     ray.init(
+        # "local": always a Ray of our own; without it ray.init() joins the last `ray start` cluster of this
+        # machine (or, if that one has stopped, fails on the address it left in /tmp/ray)
+        address="local",
         num_cpus=max(os.cpu_count() or 1, workers),
         include_dashboard=False,
         object_store_memory=LOCAL_OBJECT_STORE,
