@@ -11,7 +11,7 @@ COMFYUI_DIR = $(shell $(PY) -c "from blip_diffusion_nodes.tools.comfy_server imp
 SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt pyproject.toml
 REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt pyproject.toml
 
-.PHONY: setup demo batch-demo lint test fixtures workflows ui-deps bench bench-batch
+.PHONY: setup demo batch-demo lint test fixtures workflows ui-deps bench bench-batch gpu-check
 
 setup: $(VENV)/.ready
 
@@ -77,3 +77,9 @@ bench: $(VENV)/.ready $(REFVENV)/.ready
 # The batch runner with 1 and 2 workers against a client posting the same jobs to one server (tiny model, CPU).
 bench-batch: $(VENV)/.ready
 	$(PY) bench/batch.py $(BENCH_BATCH_ARGS)
+
+# The GPU numbers in one call on a fresh CUDA machine: parity with the reference, the bench at 512x512 / 25 steps /
+# fp16 with peak GPU memory, and a ControlNet image, as one markdown table (.cache/gpu_check/gpu_check.md).
+# GPU_CHECK_ARGS=--dry-run: the same steps on the CPU at tiny sizes (make test runs it: tests/comfy/test_gpu_check.py).
+gpu-check: $(VENV)/.ready $(REFVENV)/.ready
+	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)

@@ -3,6 +3,8 @@
 ComfyUI imports this package; the nodes (and torch-heavy modules) load in comfy_entrypoint.
 """
 
+WEB_DIRECTORY = "./web"  # the front-end extension that shows Save Subject's file on the node
+
 
 async def comfy_entrypoint():
     from .nodes import BlipDiffusionExtension

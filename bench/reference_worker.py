@@ -6,6 +6,7 @@ Reads one JSON command per line on stdin, answers one JSON line on stdout:
     {"op": "conditioning", "prompt": "..."}                         -> {"seconds", "cpu"}
     {"op": "generate", "size": 256, "steps": 10, "controlnet": false, "seed": 0} -> {"seconds", "cpu"}
     {"op": "peak_rss"}                                              -> {"bytes"}
+    {"op": "peak_vram"}                                             -> {"bytes"} (0 on the CPU)
 Each timed call is what BlipDiffusionPipeline does for that stage, on the same inputs as the pack.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blip_diffusion_nodes.tools.reference.run_pipeline import load_pipelines
+from blip_diffusion_nodes.tools.reference.run_pipeline import DDIM_CONFIG, load_pipelines
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEGATIVE = "lowres, blurry, worst quality"
@@ -141,14 +142,7 @@ class Reference:
                 "a dog on the grass", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
             ).input_ids.to(self.device)
             cond = pipe.text_encoder(input_ids=ids)[0]
-            scheduler = DDIMInverseScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                clip_sample=False,
-                set_alpha_to_one=False,
-                steps_offset=1,
-            )
+            scheduler = DDIMInverseScheduler(**DDIM_CONFIG)
             scheduler.set_timesteps(steps)
             z = self.photo_latent
             for t in scheduler.timesteps:
@@ -158,6 +152,10 @@ class Reference:
 
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}
+
+    def peak_vram(self) -> dict:
+        """What PyTorch's caching allocator reserved at most: the GPU memory this process held."""
+        return {"bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0}
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """`make bench`: the pack against the real diffusers reference, same machine, same weights, one run.
 
     python bench/run.py [--device cpu|cuda] [--repeats 3] [--size N] [--steps N] [--only encode,invert,...]
+                        [--weights full|edit]
 
 Random full-size weights in the released layout (with a ControlNet) are generated once into
 .cache/bench/. The pack runs as users run it: the example graph in a real ComfyUI server
@@ -13,6 +14,11 @@ waiting for a busy CPU does not inflate). Every pack run changes an input of the
 nodes, so ComfyUI's cache never skips the work.
 
 CPU defaults: 256x256, 10 steps, fp32. --device cuda: 512x512, 25 steps, fp16, plus it/s.
+
+`edit` compares the pack with itself: a subject-driven edit (two rows, Prompt-to-Prompt with LocalBlend) against
+a plain generation of two images (batch 2) on the same weights, sampler, size and steps: the cost of the
+attention control. It needs no reference, so `--only edit` starts none. `--weights edit` measures on the
+`edit` test model (SD-1.5's layout at width 320, 1.2 GB) instead of the full-size weights (10 GB).
 """
 
 from __future__ import annotations
@@ -37,15 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = ROOT / ".cache" / "bench"
 MODEL = "blipdiffusion-full"
+WEIGHTS = {"full": (MODEL, "full"), "edit": ("blipdiffusion-edit", "edit")}  # --weights: folder, make_model size
 PROBE_PACK = ROOT / "tests" / "comfy" / "probe_pack"
 
 
-def full_model() -> Path:
-    """Released shapes, fp32 safetensors (what both sides read), made once."""
-    folder = CACHE / MODEL
+def bench_model(weights: str = "full") -> Path:
+    """Random weights of the released layout, fp32 safetensors (what both sides read), made once: full size
+    (with a ControlNet) or the `edit` test model."""
+    name, size = WEIGHTS[weights]
+    folder = CACHE / name
     if not (folder / "model_index.json").is_file():
-        print(f"generating full-size random weights in {folder} (once, ~10 GB) ...", flush=True)
-        make_model(folder, size="full", dtype="fp32", controlnet=True)
+        print(f"generating {size}-size random weights in {folder} (once) ...", flush=True)
+        make_model(folder, size=size, dtype="fp32", controlnet=size == "full")
     return folder
 
 
@@ -82,8 +91,8 @@ class ReferenceWorker:
 class Pack:
     """The pack's example graph in a real ComfyUI; every call varies an input so nothing is cached."""
 
-    def __init__(self, comfy, size: int, steps: int):
-        self.comfy, self.size, self.steps = comfy, size, steps
+    def __init__(self, comfy, size: int, steps: int, model: str = MODEL):
+        self.comfy, self.size, self.steps, self.model = comfy, size, steps, model
         self.server = psutil.Process(comfy.pid)
         self.variant = itertools.count()
         comfy.put_input("bench_subject.png", bench_images(1)[0])
@@ -103,13 +112,15 @@ class Pack:
         """Loader (1) -> subject (4) -> fused prompt (5); `batch` copies of the subject photo."""
         n = next(self.variant)
         g = Graph()
-        loader = g.add("BlipDiffusionLoader", "1", model_name=MODEL, weight_dtype="auto")[0]
+        loader = g.add("BlipDiffusionLoader", "1", model_name=self.model, weight_dtype="auto")[0]
         image = g.add("LoadImage", "2", image="bench_subject.png")
         if batch > 1:
             image = g.add("RepeatImageBatch", "3", image=image, amount=batch)
         encoder = [loader, 3]
         if encoder_dtype != "auto":
-            encoder = g.add("BlipDiffusionSubjectEncoderLoader", "15", model_name=MODEL, weight_dtype=encoder_dtype)
+            encoder = g.add(
+                "BlipDiffusionSubjectEncoderLoader", "15", model_name=self.model, weight_dtype=encoder_dtype
+            )
         subject = g.add(
             "BlipDiffusionSubjectEncoder",
             "4",
@@ -156,7 +167,7 @@ class Pack:
         the prompt varies, so its encoding counts, as on the reference side)."""
         n = next(self.variant)
         g = Graph()
-        loader = g.add("BlipDiffusionLoader", "1", model_name=MODEL, weight_dtype="auto")[0]
+        loader = g.add("BlipDiffusionLoader", "1", model_name=self.model, weight_dtype="auto")[0]
         photo = g.add(
             "ImageScale",
             "3",
@@ -189,7 +200,7 @@ class Pack:
                 "12",
                 positive=positive,
                 negative=negative,
-                control_net=g.add("BlipDiffusionControlNetLoader", "10", model_name=MODEL),
+                control_net=g.add("BlipDiffusionControlNetLoader", "10", model_name=self.model),
                 image=g.add("LoadImage", "11", image="bench_control.png"),
                 strength=1.0,
                 start_percent=0.0,
@@ -214,6 +225,54 @@ class Pack:
             "SaveImage", "14", images=g.add("VAEDecode", "13", samples=samples, vae=["1", 2]), filename_prefix="bench"
         )
         return self.seconds(g)
+
+    def edit(self, sampler: str, patched: bool) -> tuple[float, float]:
+        """An edit of two rows (Edit Prompt + Prompt-to-Prompt, LocalBlend on, from a latent of batch 1) or, not
+        `patched`, a plain generation of two images (the Loader's MODEL, the Multimodal Prompt, a latent of
+        batch 2): the same UNet batch of 4 per call. Only the seed varies, so only the sampler runs."""
+        g = self.graph()
+        g["4"]["inputs"]["subject"], g["5"]["inputs"]["prompt"] = "dog", "swimming underwater"  # cached
+        negative = g.add("CLIPTextEncode", "6", clip=["1", 1], text=NEGATIVE)
+        model, positive = ["1", 0], ["5", 0]
+        if patched:
+            del g["5"]
+            positive = g.add(
+                "BlipDiffusionEditPrompt",
+                "20",
+                clip=["1", 1],
+                subject=["4", 0],
+                source_subject="cat",
+                prompt="swimming underwater",
+                target_subject="dog",
+                placeholder="lavis",
+            )
+            model = g.add(
+                "BlipDiffusionPromptToPrompt",
+                "21",
+                model=["1", 0],
+                edit=["20", 1],
+                cross_replace=0.8,
+                self_replace=0.4,
+                local_blend=True,
+                blend_threshold=0.3,
+            )
+        samples = g.add(
+            "BlipDiffusionSampler",
+            "8",
+            model=model,
+            positive=positive,
+            negative=negative,
+            latent_image=g.add(
+                "EmptyLatentImage", "7", width=self.size, height=self.size, batch_size=1 if patched else 2
+            ),
+            seed=next(self.variant),
+            steps=self.steps,
+            cfg=7.5,
+            sampler_name=sampler,
+            scheduler="reference",
+            denoise=1.0,
+        )
+        return self.seconds(probe(g, "9", "bench_edit", latent=samples))
 
 
 def measure(repeats: int, pack_fn, ref_fn) -> tuple[list, list]:
@@ -243,7 +302,7 @@ def row(name: str, pack: list, ref: list) -> str:
     )
 
 
-MEASUREMENTS = ("encode", "conditioning", "generate", "controlnet", "invert", "fp32")
+MEASUREMENTS = ("encode", "conditioning", "generate", "controlnet", "invert", "fp32", "edit")
 
 
 def main() -> None:
@@ -256,8 +315,9 @@ def main() -> None:
         "--only",
         default=",".join(MEASUREMENTS),
         help=f"comma-separated measurements to run, of {', '.join(MEASUREMENTS)} (the model load, "
-        "and peak memory, always)",
+        "and peak memory, always when the reference runs)",
     )
+    parser.add_argument("--weights", default="full", choices=list(WEIGHTS), help="full-size weights or the edit model")
     parser.add_argument("--server-args", default="", help="extra ComfyUI flags, e.g. --use-pytorch-cross-attention")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -265,19 +325,22 @@ def main() -> None:
         parser.error(f"--only: unknown measurements {sorted(only - set(MEASUREMENTS))}; choose from {MEASUREMENTS}")
     gpu = args.device == "cuda"
     size, steps = args.size or (512 if gpu else 256), args.steps or (25 if gpu else 10)
-    model = full_model()
+    model = bench_model(args.weights)
     base = prepare_base(CACHE / "comfy", {"probe_pack": PROBE_PACK})
-    link = base / "models" / "blip_diffusion" / MODEL
+    link = base / "models" / "blip_diffusion" / model.name
     if not link.exists():
         link.symlink_to(model, target_is_directory=True)
-    ref = ReferenceWorker()
-    rows = []
+    ref = ReferenceWorker() if only - {"edit"} else None  # the edit rows compare the pack with itself
+    rows, edit_rows = [], []
     try:
         with ComfyServer(base, args.server_args.split(), cpu=not gpu) as comfy:
-            pack = Pack(comfy, size, steps)
+            pack = Pack(comfy, size, steps, model.name)
             start = time.perf_counter()
-            ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")["seconds"]
-            rows.append(f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load:.2f} | - | - |")
+            if ref is not None:
+                ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")
+                rows.append(
+                    f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load['seconds']:.2f} | - | - |"
+                )
 
             def measured(name: str, pack_fn, ref_op: str, **ref_args) -> tuple[list, list]:
                 times = measure(args.repeats, pack_fn, lambda: reference(ref(ref_op, **ref_args)))
@@ -321,10 +384,17 @@ def main() -> None:
                     size=size,
                     steps=steps,
                 )
-            pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
-            rows.append(
-                f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |"
-            )
+            if "edit" in only:
+                for sampler in ("pndm", "reference_ddim"):
+                    times = measure(
+                        args.repeats, lambda s=sampler: pack.edit(s, True), lambda s=sampler: pack.edit(s, False)
+                    )
+                    edit_rows.append(row(f"edit {size}x{size}, {steps} steps, {sampler}", *times))
+            if ref is not None:
+                pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
+                rows.append(
+                    f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |"
+                )
             # The pack's CPU default is bfloat16 where the CPU has it: the same-precision row too (last: a second
             # subject encoder in the server would count in its peak memory above).
             if not gpu and "fp32" in only:
@@ -332,18 +402,26 @@ def main() -> None:
                     "subject encoding, batch 1, pack forced to fp32", lambda: pack.encode(1, "fp32"), "encode", batch=1
                 )
     finally:
-        ref.close()
+        if ref is not None:
+            ref.close()
     precision = "fp16" if gpu else "reference fp32; pack: ComfyUI's CPU defaults, subject encoder weight_dtype auto"
     print(
-        f"\n{args.device} ({precision}), full-size random weights, ComfyUI flags: "
+        f"\n{args.device} ({precision}), {args.weights}-size random weights, ComfyUI flags: "
         f"{args.server_args or 'defaults'}; {time.perf_counter() - start:.0f} s; "
         f"seconds: median (min-max) of {args.repeats} after a warm-up\n"
     )
-    print(
-        "| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
-        "|---|---|---|---|---|"
-    )
-    print("\n".join(rows))
+    if rows:
+        print(
+            "| measurement | pack (s) | reference (s) | pack/reference, wall | pack/reference, CPU time |\n"
+            "|---|---|---|---|---|"
+        )
+        print("\n".join(rows))
+    if edit_rows:
+        print(
+            "\n| measurement | edit, 2 rows (s) | plain, 2 images (s) | edit/plain, wall | edit/plain, CPU time |\n"
+            "|---|---|---|---|---|"
+        )
+        print("\n".join(edit_rows))
 
 
 if __name__ == "__main__":

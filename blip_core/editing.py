@@ -26,14 +26,19 @@ Placeholder layouts of the target row:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from .messages import quoted
 from .prompt import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS
+from .sampling import StepHook
 
 Placeholder = Literal["lavis", "none"]
 PLACEHOLDERS: tuple[Placeholder, ...] = ("lavis", "none")
@@ -164,8 +169,10 @@ def _coarse_tokens(latent_hw: tuple[int, int]) -> int:
 
 def replaces_self_layer(tokens: int, latent_hw: tuple[int, int]) -> bool:
     """Self-attention is replaced only in layers at latent/4 resolution or coarser: at 512x512 the
-    original's limit of 256 tokens (the 16x16 and 8x8 layers); the same layers at other sizes."""
-    return tokens <= _coarse_tokens(latent_hw)
+    original's limit of 256 tokens (the 16x16 and 8x8 layers); the same layers at other sizes. The UNet
+    halves odd sizes upwards, so a latent that is not a multiple of 4 has ceil(h/4) x ceil(w/4) there."""
+    h, w = latent_hw
+    return tokens <= math.ceil(h / 4) * math.ceil(w / 4)
 
 
 def is_blend_layer(query_tokens: int, latent_hw: tuple[int, int]) -> bool:
@@ -255,3 +262,203 @@ def blend_latents(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 def _check_placeholder(placeholder: str) -> None:
     if placeholder not in PLACEHOLDERS:
         raise ValueError(f"placeholder must be one of {PLACEHOLDERS}, got {placeholder!r}")
+
+
+# --- an edit's token layout ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class EditSpec:
+    """What the attention control of an edit needs, fixed by the two prompts' tokens.
+
+    mapper / alphas: per key of the model's target row (refinement_mapper); blend_positions: the source
+    word's keys in the source row (LocalBlend's word); key: names this token layout, so that the edit's
+    CONDITIONING and its patched MODEL can be checked to belong together."""
+
+    placeholder: Placeholder
+    source_prompt: str
+    target_text: str
+    mapper: torch.Tensor
+    alphas: torch.Tensor
+    blend_positions: tuple[int, ...]
+    key: str
+
+
+def edit_spec(
+    source_ids: Sequence[int | None],
+    target_ids: Sequence[int | None],
+    word_ids: Sequence[int | None],
+    placeholder: Placeholder,
+    source_prompt: str,
+    target_text: str,
+    source_subject: str,
+) -> EditSpec:
+    """The EditSpec of two tokenized prompts (ids with BOS and EOS; None for a token that is an embedding).
+
+    source_ids: the source prompt; target_ids: the target text as tokenized (without the subject
+    vectors); word_ids: the source subject's tokens. The target text keeps what the model holds: for
+    `lavis` the original computes its mapper on the whole text and fails beyond 77 tokens (a clear error
+    here), for `none` the mapper follows the model's keys, whose text is cut after 59 tokens."""
+    _check_placeholder(placeholder)
+    if len(source_ids) > MAX_LENGTH:
+        raise ValueError(
+            f"prompt: the source prompt {quoted(source_prompt)} takes {len(source_ids)} tokens; an edit needs it in "
+            f"one CLIP chunk of {MAX_LENGTH} (with the start and end tokens): shorten the prompt"
+        )
+    if placeholder == "lavis" and len(target_ids) > MAX_LENGTH:
+        raise ValueError(
+            f"prompt: the target text {quoted(target_text)} takes {len(target_ids)} tokens, {NUM_QUERY_TOKENS} of them "
+            f"the 'sks' placeholders; at most {MAX_LENGTH} fit (the original fails here too): shorten the prompt, "
+            "or use placeholder 'none'"
+        )
+    held = MAX_LENGTH - NUM_QUERY_TOKENS  # the text the model holds beside the subject vectors, with BOS and EOS
+    if placeholder == "none" and len(target_ids) > held:
+        target_ids = [*target_ids[: held - 1], target_ids[-1]]
+    positions = word_positions(source_ids, word_ids) if any(t is not None for t in word_ids) else []
+    if not positions:
+        raise ValueError(
+            f"source_subject: {quoted(source_subject)} is not a word of the source prompt {quoted(source_prompt)} "
+            "(its tokens do not occur there); the edit replaces that word's subject: name the subject the source "
+            "shows, e.g. 'dog'"
+        )
+    mapper, alphas = refinement_mapper(source_ids, target_ids, placeholder)
+    layout = [placeholder, list(source_ids), list(target_ids), positions]
+    key = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+    return EditSpec(placeholder, source_prompt, target_text, mapper, alphas, tuple(positions), key)
+
+
+# --- one sampling run of an edit ---------------------------------------------------------------------
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """The user's settings of the attention control (the original's defaults)."""
+
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    local_blend: bool = True
+    blend_threshold: float = 0.3
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, in float32: q [queries, heads*d], k [keys, heads*d] -> [heads, q, k]."""
+    d = q.shape[-1] // heads
+    qh = q.reshape(q.shape[0], heads, d).transpose(0, 1).float()
+    kh = k.reshape(k.shape[0], heads, d).transpose(0, 1).float()
+    return torch.softmax(qh @ kh.transpose(1, 2) * d**-0.5, dim=-1)
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs [heads, q, k] times v [keys, heads*d] -> [q, heads*d] in v's dtype (heads side by side)."""
+    heads = probs.shape[0]
+    vh = v.reshape(v.shape[0], heads, -1).transpose(0, 1).float()
+    return (probs @ vh).transpose(0, 1).reshape(probs.shape[1], -1).to(v.dtype)
+
+
+@dataclass(eq=False)
+class EditRun:
+    """The state of one sampling run: which UNet call it is, and the source word's cross-attention summed over
+    every call so far (LocalBlend's maps). Made when sampling starts, so nothing carries over between runs.
+
+    Rows: the sampler's batch holds the source (row 0) and the target (row 1); the UNet sees them once per
+    CFG half. Only the conditional target row's attention is edited, from the conditional source row's.
+    `source_conditional`: the source row follows its conditional prediction only (a real photo's inversion
+    is reproduced that way, as the original does)."""
+
+    spec: EditSpec
+    settings: EditSettings
+    steps: int
+    latent_hw: tuple[int, int]
+    source_conditional: bool = False
+    call: int = 0
+    exact_blend: bool = False  # the sampler blends the latents between steps (else: the x0 prediction)
+    maps: dict[Hashable, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.schedule = replace_schedule(self.steps, self.settings.cross_replace, self.settings.self_replace)
+        h, w = self.latent_hw
+        if self.settings.local_blend and (h % 4 or w % 4):
+            raise ValueError(
+                f"local_blend: LocalBlend needs an image whose width and height are multiples of 32; this one is "
+                f"{8 * w}x{8 * h} (latent {w}x{h}): crop or resize it, or turn local_blend off"
+            )
+
+    def attend(
+        self,
+        layer: Hashable,
+        is_cross: bool,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        heads: int,
+        conditional: Sequence[bool],
+        out: torch.Tensor,
+        attention: Attention,
+    ) -> torch.Tensor:
+        """One attention layer's output [B, queries, heads*d] after the edit, given the unedited `out`.
+
+        q, k, v: the layer's projections for the whole batch: one chunk of two rows (source, target) per
+        CFG half, `conditional` telling which chunk is conditional. `attention(q, k, v)` is the fused
+        attention (no probabilities) for the self-attention replace, which is exact algebra:
+        softmax(q_src k_src^T) v_tgt. Probabilities are computed only where they are edited or stored."""
+        tokens = q.shape[1]
+        edit = edits_layer(is_cross, self.call, self.schedule, tokens, self.latent_hw)
+        store = is_cross and self.settings.local_blend and is_blend_layer(tokens, self.latent_hw)
+        if not (edit or store) or True not in conditional:
+            return out
+        rows = q.shape[0] // len(conditional)
+        if rows != 2:
+            raise ValueError(f"an edit samples two rows (source, target) per CFG half; this batch has {rows}")
+        src = 2 * list(conditional).index(True)
+        tgt = src + 1
+        if not is_cross:  # self-attention replace: the target row attends as the source row does
+            out[tgt] = attention(q[src : src + 1], k[src : src + 1], v[tgt : tgt + 1])[0]
+            return out
+        # ComfyUI repeats a conditioning's tokens to batch it with a longer negative (77 -> 154 ...): the copies
+        # share each key's probability, so summing them gives the 77 keys the mapper and the blend address.
+        keys = k.shape[1]
+        if keys % MAX_LENGTH:
+            raise ValueError(f"an edit's conditioning has {MAX_LENGTH} tokens per row; this layer sees {keys} keys")
+        copies = keys // MAX_LENGTH
+
+        def probs(row: int) -> torch.Tensor:
+            p = attention_probs(q[row], k[row], heads)
+            return p.reshape(*p.shape[:2], copies, MAX_LENGTH).sum(2) if copies > 1 else p
+
+        source = probs(src)
+        if store:
+            self.maps[layer] = source if layer not in self.maps else self.maps[layer] + source
+        if edit:
+            refined = refine_cross_attention(source, probs(tgt), self.spec.mapper, self.spec.alphas)
+            out[tgt] = weighted_values(refined, v[tgt, :MAX_LENGTH])
+        return out
+
+    def blend_map(self) -> torch.Tensor:
+        """LocalBlend's normalised map [h, w] of the calls so far."""
+        if not self.maps:
+            raise ValueError(
+                "local_blend: this model has no cross-attention layer at a quarter of the latent size, where "
+                "LocalBlend reads the source word's attention: turn local_blend off"
+            )
+        return blend_map(list(self.maps.values()), self.spec.blend_positions, self.latent_hw)
+
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        """LocalBlend on a [2, C, h, w] batch (source, target) of latents or x0 predictions: the target keeps
+        its own values where the source word's attention is strong, the source's elsewhere."""
+        mask = (self.blend_map() > self.settings.blend_threshold).to(x.device)
+        return torch.stack([x[0], blend_latents(x[0], x[1], mask)])
+
+    def claim_exact_blend(self) -> StepHook | None:
+        """Called by a sampler that runs LocalBlend between its steps (the pack's PLMS and DDIM): the hook to
+        run after each model call's update, or None when the blend is off."""
+        self.exact_blend = True
+        return self.blend if self.settings.local_blend else None
+
+    def blends_x0(self) -> bool:
+        """Whether LocalBlend falls back to the x0 prediction (a sampler that did not claim the blend)."""
+        return self.settings.local_blend and not self.exact_blend
+
+    def end_call(self) -> None:
+        self.call += 1

@@ -10,7 +10,12 @@ of Salesforce/blipdiffusion (and blipdiffusion-controlnet):
     tokenizer/     CLIP vocabulary (not read: ComfyUI's SD-1.5 tokenizer is the same)
     unet/          config.json + diffusers weights
     vae/           config.json + diffusers weights
-    controlnet/    config.json + diffusers weights      (the -controlnet release only)
+    controlnet/    config.json + diffusers weights      a canny ControlNet
+
+`DOWNLOADS` is the other table: every model the nodes read, the folder it goes in and its
+public download page. The loaders' not-found errors, the example workflows' model list
+(ComfyUI's missing-models dialog, tools/workflows.py), the registry's [tool.comfy] Models
+and the README say what it says.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # read only with torch.load(
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 MODEL_INDEX = "model_index.json"
 CONFIG = "config.json"
-RELEASE = "Salesforce/blipdiffusion"
+# ComfyUI's model folders (models/<name>) the nodes read: the pack registers the first and the last.
+MODELS_FOLDER = "blip_diffusion"
+CONTROLNETS_FOLDER = "controlnet"  # ComfyUI's own
+ANNOTATORS_FOLDER = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
 
 
 def _weight_names(safetensors_stem: str, pickle_stem: str) -> tuple[str, ...]:
@@ -85,6 +93,60 @@ CONTROLNET = Part("controlnet", DIFFUSERS_WEIGHTS, reads_config=True)
 LOADER_PARTS = (QFORMER, TEXT_ENCODER, UNET, VAE)  # what the BLIP-Diffusion Loader reads
 
 
+@dataclass(frozen=True)
+class Download:
+    """A model the nodes read: the folder it goes in and where to get it."""
+
+    folder: str  # ComfyUI's model folder: models/<folder>
+    name: str  # the folder (or file) in it that the example workflows pick
+    page: str  # the public download page (a Hugging Face repository)
+    files: tuple[str, ...]  # the weight files the nodes read, by their path in both `name` and the repository
+
+    @property
+    def location(self) -> str:
+        return f"models/{self.folder}/{self.name}/"
+
+    def url(self, file: str) -> str:
+        """The file's download link."""
+        return f"{self.page}/resolve/main/{file}"
+
+    def hint(self) -> str:
+        """What to do when it is missing, for the loaders' errors."""
+        what = "the whole repository, with its sub-folders," if len(self.files) > 2 else " and ".join(self.files)
+        return f"download {what} from {self.page} into {self.location}"
+
+
+def _pickle_files(parts: tuple[Part, ...]) -> tuple[str, ...]:
+    """The names the releases store these parts under: their pickle names."""
+    return tuple(f"{part.folder}/{part.weights[1]}" for part in parts)
+
+
+BLIP_DIFFUSION = Download(
+    MODELS_FOLDER, "blipdiffusion", "https://huggingface.co/Salesforce/blipdiffusion", _pickle_files(LOADER_PARTS)
+)
+# The canny ControlNet the blipdiffusion repository carries in controlnet/ (the only safetensors file there).
+BLIP_DIFFUSION_CANNY = Download(
+    MODELS_FOLDER, BLIP_DIFFUSION.name, BLIP_DIFFUSION.page, (f"{CONTROLNET.folder}/{CONTROLNET.weights[0]}",)
+)
+# The same model with the canny ControlNet as a pickle: the release diffusers' ControlNet pipeline names.
+BLIP_DIFFUSION_CONTROLNET = Download(
+    MODELS_FOLDER,
+    "blipdiffusion-controlnet",
+    "https://huggingface.co/Salesforce/blipdiffusion-controlnet",
+    _pickle_files((*LOADER_PARTS, CONTROLNET)),
+)
+SCRIBBLE_CONTROLNET = Download(
+    CONTROLNETS_FOLDER,
+    "sd-controlnet-scribble",
+    "https://huggingface.co/lllyasviel/sd-controlnet-scribble",
+    (CONTROLNET.weights[0],),
+)
+HED_ANNOTATOR = Download(
+    ANNOTATORS_FOLDER, "Annotators", "https://huggingface.co/lllyasviel/Annotators", ("ControlNetHED.pth",)
+)
+DOWNLOADS = (BLIP_DIFFUSION, BLIP_DIFFUSION_CANNY, BLIP_DIFFUSION_CONTROLNET, SCRIBBLE_CONTROLNET, HED_ANNOTATOR)
+
+
 def check_model_folder(model: Path, parts: tuple[Part, ...] = LOADER_PARTS) -> None:
     """Every file the loader reads, checked before any is loaded: one error lists all that are missing,
     instead of failing on the last part after minutes of loading the others."""
@@ -93,5 +155,5 @@ def check_model_folder(model: Path, parts: tuple[Part, ...] = LOADER_PARTS) -> N
         raise FileNotFoundError(
             f"{model.name}: incomplete BLIP-Diffusion folder {model}: missing {'; '.join(missing)}. "
             f"It needs the released layout ({MODEL_INDEX}, "
-            f"{', '.join(p.folder + '/' for p in LOADER_PARTS)}), e.g. a full download of {RELEASE}."
+            f"{', '.join(p.folder + '/' for p in LOADER_PARTS)}): {BLIP_DIFFUSION.hint()}"
         )

@@ -86,13 +86,18 @@ def normalize(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def preprocess(images: torch.Tensor, mode: str = "squash", mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] in 0..1 -> pixel values [B,3,224,224] for the vision tower."""
+def encoder_view(images: torch.Tensor, mode: str = "squash", mask: torch.Tensor | None = None) -> np.ndarray:
+    """What the vision tower sees, before normalisation: ComfyUI IMAGE [B,H,W,C] in 0..1 -> uint8 [B,224,224,3]
+    after the mask, the squash or the crop."""
     if mode not in MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {MODES}")
     images = to_rgb(images)
     if mask is not None:
         images = whiten_outside(images, mask)
     resize = _squash if mode == "squash" else _short_side_crop
-    resized = [np.asarray(resize(Image.fromarray(arr))) for arr in to_uint8(images)]
-    return normalize(np.stack(resized))
+    return np.stack([np.asarray(resize(Image.fromarray(arr))) for arr in to_uint8(images)])
+
+
+def preprocess(images: torch.Tensor, mode: str = "squash", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] in 0..1 -> pixel values [B,3,224,224] for the vision tower."""
+    return normalize(encoder_view(images, mode, mask))

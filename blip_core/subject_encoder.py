@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,7 +17,7 @@ from .bert_tokenizer import tokenize_subjects
 from .config import SubjectEncoderConfig
 from .layout import CONFIG, QFORMER
 from .loading import load_strict, read_state_dict
-from .preprocess import preprocess as preprocess_images
+from .preprocess import encoder_view, normalize
 from .qformer import ProjLayer, QFormerEncoder, TextEmbeddings, text_attention_mask
 from .subject import check_category
 from .vision import VisionTransformer
@@ -68,7 +69,18 @@ class SubjectEncoder:
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """images [B,H,W,C] in 0..1; one category for all or one per image -> [B,16,hidden] float32."""
-        pixels = preprocess_images(images, preprocess, mask)
+        return self.encode_view(encoder_view(images, preprocess, mask), subjects, device, dtype)
+
+    @torch.no_grad()
+    def encode_view(
+        self,
+        view: np.ndarray,
+        subjects: str | list[str],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """`encode` from what the vision tower sees (preprocess.encoder_view: uint8 [B,224,224,3])."""
+        pixels = normalize(view)
         categories = [subjects] * pixels.shape[0] if isinstance(subjects, str) else list(subjects)
         if len(categories) != pixels.shape[0]:
             raise ValueError(f"{len(categories)} subject categories for {pixels.shape[0]} images")

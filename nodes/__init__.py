@@ -10,7 +10,7 @@ from .api import ComfyExtension, io
 
 paths.register()
 
-from . import control, inversion, loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
+from . import control, editing, inversion, loaders, prompt, sampling, subject, subject_tools  # noqa: E402  (after the model folder is registered)
 
 
 def available_nodes() -> list[type[io.ComfyNode]]:
@@ -23,6 +23,7 @@ def available_nodes() -> list[type[io.ComfyNode]]:
         *prompt.NODES,
         *sampling.NODES,
         *inversion.NODES,
+        *editing.NODES,
         *control.NODES,
     ]
     # find_spec, not import: controlnet-aux is slow to import and only needed when an edge node runs.

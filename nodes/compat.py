@@ -27,6 +27,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -53,9 +54,19 @@ SAMPLERS = (
     "BlipDiffusionDDIMSampler",
     "BlipDiffusionDDIMInversion",
 )
-FUSE = ("BlipDiffusionMultimodalPromptFuse",)
+FUSE = ("BlipDiffusionMultimodalPromptFuse", "BlipDiffusionEditPrompt")
 CONTROLNET_APPLY = ("BlipDiffusionControlNetApply",)
 CONTROLNET_LOADER = ("BlipDiffusionControlNetLoader",)
+EDIT = ("BlipDiffusionEditPrompt", "BlipDiffusionPromptToPrompt")  # an edit's CONDITIONING needs its MODEL
+# What loading UNets and ControlNets with assigned (not copied) weights needs: _assigning_options.
+ASSIGNING = (
+    "comfy.model_detection:model_config_from_unet",
+    "comfy.model_management:unet_dtype",
+    "comfy.model_management:unet_manual_cast",
+    "comfy.ops:pick_operations",
+    "comfy.utils:calculate_parameters",
+    "comfy.utils:weight_dtype",
+)
 
 
 # --- the checks ------------------------------------------------------------------------------------
@@ -90,6 +101,28 @@ def _token_layout(cls) -> bool:
     tokens = cls().tokenize_with_weights("")
     chunk = tokens["l"][0]
     return len(chunk) == 77 and all(isinstance(t[0], int) and isinstance(t[1], float) for t in chunk)
+
+
+def _attention_replace_convention(cls) -> bool:
+    """A transformer block hands an attn1 / attn2 replace patch the projected q, k, v ([B, tokens, heads*d]) and
+    extra options that hold the head count and the sampling's transformer options (cond_or_uncond, our state),
+    and puts the patch's output through to_out: checked on a block of width 8 with one head."""
+    block = cls(8, 1, 8, context_dim=8)
+    seen = {}
+
+    def patch(q, k, v, extra_options):
+        seen.update(q=tuple(q.shape), k=tuple(k.shape), heads=extra_options["n_heads"], marker=extra_options["m"])
+        return torch.zeros_like(q)
+
+    options = {
+        "block": ("input", 1),
+        "block_index": 0,
+        "m": "x",
+        "patches_replace": {"attn1": {("input", 1, 0): patch}, "attn2": {("input", 1, 0): patch}},
+    }
+    with torch.no_grad():
+        block(torch.zeros(1, 4, 8), context=torch.zeros(1, 3, 8), transformer_options=options)
+    return seen == {"q": (1, 4, 8), "k": (1, 3, 8), "heads": 1, "marker": "x"}
 
 
 @dataclass(frozen=True)
@@ -147,7 +180,27 @@ REQUIREMENTS = (
     Requirement("comfy.model_sampling:ModelSamplingDiscrete", SAMPLERS),
     Requirement("comfy.sd1_clip:SD1Tokenizer", FUSE, _token_layout),
     Requirement("comfy.sd1_clip:SDClipModel.process_tokens", FUSE),
-    # Optimisations: without them the nodes work, a little slower.
+    Requirement(
+        "comfy.model_patcher:ModelPatcher",
+        EDIT,
+        _has_methods(
+            "clone",
+            "set_model_attn1_replace",
+            "set_model_attn2_replace",
+            "set_model_sampler_post_cfg_function",
+            "add_wrapper_with_key",
+        ),
+    ),
+    Requirement("comfy.ldm.modules.attention:BasicTransformerBlock", EDIT, _attention_replace_convention),
+    Requirement("comfy.ldm.modules.attention:SpatialTransformer", EDIT),
+    Requirement("comfy.ldm.modules.attention:optimized_attention", EDIT),
+    Requirement("comfy.patcher_extension:WrappersMP.OUTER_SAMPLE", EDIT),
+    Requirement("comfy.patcher_extension:WrappersMP.PREDICT_NOISE", EDIT),
+    Requirement("comfy.samplers:CFGGuider.outer_sample", EDIT, _has_parameters("noise", "latent_image", "sigmas")),
+    Requirement("comfy.samplers:CFGGuider.predict_noise", EDIT, _has_parameters("x", "timestep", "model_options")),
+    Requirement("comfy.samplers:cfg_function", EDIT, _has_parameters("cond_pred", "uncond_pred", "model_options")),
+    # Optimisations: without them the nodes work, a little slower (or, for ASSIGNING, with more memory).
+    *(Requirement(symbol, ()) for symbol in ASSIGNING),
     Requirement("comfy.ldm.modules.attention:wrap_attn", ()),  # honours transformer_options' attention override
     Requirement("comfy.ldm.modules.attention:attention_pytorch", ()),
     Requirement("comfy.ldm.modules.attention:attention_sub_quad", ()),
@@ -314,10 +367,65 @@ class UNetKind:
     missing: list[str]  # UNet tensors the state dict did not provide
 
 
+def _assigning(operations):
+    """`operations` (a comfy.ops class) with layers that take each weight from the state dict as it is, cast only
+    where its dtype or device differs, instead of copying it into memory allocated for it.
+
+    ComfyUI builds a model with empty (never written, so never resident) weights and then copies the state dict
+    into them: while it loads, every weight is in memory twice, the file's mapped pages and the copy. Assigned,
+    the mapped tensors become the weights (as the subject encoder's and diffusers' loaders do), and the empty
+    ones are freed untouched. ComfyUI's own mixed-precision layers assign the same way.
+    """
+
+    def assigning(layer: type) -> type:
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+            for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+                if tensor is not None and prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name].to(device=tensor.device, dtype=tensor.dtype)
+            metadata = {**local_metadata, "assign_to_params_buffers": True}
+            layer._load_from_state_dict(self, state_dict, prefix, metadata, *args, **kwargs)
+
+        return type(layer.__name__, (layer,), {"_load_from_state_dict": _load_from_state_dict})
+
+    layers = {
+        name: assigning(value)
+        for name in dir(operations)
+        if isinstance(value := getattr(operations, name), type) and issubclass(value, torch.nn.Module)
+    }
+    return type(f"Assigning_{operations.__name__}", (operations,), layers)
+
+
+def _assigning_options(state_dict: dict, dtype: torch.dtype | None, controlnet: bool) -> dict:
+    """model_options for ComfyUI's UNet and ControlNet loaders that assign the weights (see _assigning).
+
+    The layers ComfyUI would pick depend on the weight dtype and its compute dtype: this makes the choice its
+    loaders make (for an SD-1.5 state dict with LDM keys), with its own functions, and passes the dtype along so
+    that they agree. Without these internals the loaders copy, as ComfyUI does by default.
+    """
+    options = {"dtype": dtype} if dtype else {}
+    if not all(available(symbol) for symbol in ASSIGNING):
+        return options
+    config = comfy.model_detection.model_config_from_unet(state_dict, "", controlnet)
+    if config is None:  # ComfyUI recognises nothing: its loader says so
+        return options
+    load_device = mm.get_torch_device()
+    if dtype is None:
+        dtype = mm.unet_dtype(
+            model_params=-1 if controlnet else comfy.utils.calculate_parameters(state_dict),
+            supported_dtypes=list(config.supported_inference_dtypes),
+            weight_dtype=comfy.utils.weight_dtype(state_dict),
+        )
+    # as each loader asks: the ControlNet loader with the default dtypes
+    supported = () if controlnet else (config.supported_inference_dtypes,)
+    compute = mm.unet_manual_cast(dtype, load_device, *supported)
+    return {"dtype": dtype, "custom_operations": _assigning(comfy.ops.pick_operations(dtype, compute))}
+
+
 def load_unet(ldm_state_dict: dict, dtype: torch.dtype | None):
-    """A MODEL from LDM-keyed UNet weights, and what ComfyUI recognised; (None, None) if it recognised nothing."""
+    """A MODEL from LDM-keyed UNet weights, and what ComfyUI recognised; (None, None) if it recognised nothing.
+    The weights are assigned, not copied (memory-mapped ones stay mapped)."""
     model = comfy.sd.load_diffusion_model_state_dict(
-        dict(ldm_state_dict), model_options={"dtype": dtype} if dtype else {}
+        dict(ldm_state_dict), model_options=_assigning_options(ldm_state_dict, dtype, controlnet=False)
     )
     if model is None:
         return None, None
@@ -366,9 +474,12 @@ def comfy_knows_diffusers_controlnet(state_dict: dict) -> bool:
     return comfy.model_detection.unet_config_from_diffusers_unet(state_dict) is not None
 
 
-def load_controlnet(state_dict: dict, global_average_pooling: bool):
-    """A CONTROL_NET (or T2I-Adapter), or None when ComfyUI recognised neither."""
-    options = {"global_average_pooling": True} if global_average_pooling else {}
+def load_controlnet(state_dict: dict, global_average_pooling: bool, ldm_keys: bool):
+    """A CONTROL_NET (or T2I-Adapter), or None when ComfyUI recognised neither. A ControlNet with LDM keys
+    (`ldm_keys`: converted from diffusers by the pack) gets its weights assigned, not copied."""
+    options = _assigning_options(state_dict, None, controlnet=True) if ldm_keys else {}
+    if global_average_pooling:
+        options["global_average_pooling"] = True
     return comfy.controlnet.load_controlnet_state_dict(dict(state_dict), model_options=options)
 
 
@@ -504,9 +615,10 @@ def check_reference_schedule(model_wrap, sampler: str) -> None:
         or isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteEDM)
     ):
         raise ValueError(
-            f"{sampler}: model: the reference samplers need an epsilon-prediction model on a discrete "
-            f"schedule (SD-1.5, as BLIP-Diffusion); this model samples with {kind} ({_prediction(sampling)}). "
-            "Use one of ComfyUI's samplers with it, or remove the node that changed its sampling"
+            f"{sampler}: model: needs an epsilon-prediction model on a discrete schedule (SD-1.5, as "
+            f"BLIP-Diffusion) for the reference PLMS/DDIM maths; this model samples with {kind} "
+            f"({_prediction(sampling)}). Remove the node that changed its sampling, or sample with one of "
+            "ComfyUI's samplers"
         )
     expected = training_sigmas()
     if sampling.sigmas.shape != expected.shape or not torch.allclose(
@@ -514,7 +626,8 @@ def check_reference_schedule(model_wrap, sampler: str) -> None:
     ):
         raise ValueError(
             f"{sampler}: model: its noise schedule is not SD-1.5's (scaled linear betas 0.00085-0.012), "
-            "which the reference samplers assume; use one of ComfyUI's samplers with it"
+            "which the reference PLMS/DDIM maths assumes; remove the node that changed it, or sample with one "
+            "of ComfyUI's samplers"
         )
 
 
@@ -578,3 +691,144 @@ def prefer_pytorch_attention(model_options: dict, device: torch.device) -> None:
     fallback = attention.optimized_attention is attention.attention_sub_quad and not args.use_quad_cross_attention
     if fallback and mm.is_device_cpu(device):
         model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _pytorch_attention
+
+
+# --- attention control (subject-driven editing) -------------------------------------------------------
+
+_COND = 0  # cond_or_uncond's entry for the positive half (sampling_function batches [positive, negative])
+Layer = tuple[str, int, int]  # a transformer block: ("input" | "middle" | "output", block number, index)
+
+
+def clone_model(model):
+    """A copy of a MODEL (ModelPatcher) to patch, sharing the weights."""
+    return model.clone()
+
+
+def attention_layers(model) -> list[Layer]:
+    """Every transformer block of a MODEL's UNet, as ComfyUI's attention replace patches address them."""
+    unet = model.model.diffusion_model
+    groups = (
+        ("input", getattr(unet, "input_blocks", [])),
+        ("middle", [getattr(unet, "middle_block", [])]),
+        ("output", getattr(unet, "output_blocks", [])),
+    )
+    layers = []
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for module in block:
+                if isinstance(module, attention.SpatialTransformer):
+                    layers += [(name, number, i) for i in range(len(module.transformer_blocks))]
+    return layers
+
+
+@dataclass
+class AttentionCall:
+    """What an attention patch sees besides q, k, v: the head count, which chunk of the batch is the conditional
+    half, the sampling run's state (None outside a run), the output the layer would have without this patch
+    (an earlier replace patch's, or ComfyUI's optimized attention), and that attention for any q, k, v."""
+
+    heads: int
+    conditional: list[bool]
+    state: object | None
+    unpatched: Callable[[], torch.Tensor]
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def replace_attention(model, layer: Layer, is_cross: bool, handler, state_key: str) -> None:
+    """Install `handler(q, k, v, call: AttentionCall) -> output` as the cross- (attn2) or self-attention (attn1)
+    replace patch of one transformer block of `model` (a ModelPatcher, changed in place: clone it first).
+    A replace patch already there (another pack's) keeps running wherever the handler returns the unpatched
+    output."""
+    kind = "attn2" if is_cross else "attn1"
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    previous = replaced.get(layer) or replaced.get(layer[:2])
+
+    def patch(q, k, v, extra_options):
+        def fused(q_, k_, v_):
+            return attention.optimized_attention(
+                q_,
+                k_,
+                v_,
+                extra_options["n_heads"],
+                attn_precision=extra_options.get("attn_precision"),
+                transformer_options=extra_options,
+            )
+
+        call = AttentionCall(
+            heads=extra_options["n_heads"],
+            conditional=[c == _COND for c in extra_options.get("cond_or_uncond", [])],
+            state=extra_options.get(state_key),
+            unpatched=(lambda: previous(q, k, v, extra_options)) if previous else (lambda: fused(q, k, v)),
+            attention=fused,
+        )
+        return handler(q, k, v, call)
+
+    block, number, index = layer
+    setter = model.set_model_attn2_replace if is_cross else model.set_model_attn1_replace
+    setter(patch, block, number, index)
+
+
+@dataclass
+class SamplingStart:
+    """What a sampling run starts from, as a wrapper sees it before ComfyUI's sampling: the noise and latent
+    batches, the sigmas, and for each entry of the positive conditioning the value it holds under a key."""
+
+    noise: torch.Tensor
+    latent: torch.Tensor
+    sigmas: torch.Tensor
+    positive_marks: list
+
+
+def wrap_sampling(model, key: str, state_key: str, begin) -> None:
+    """Run `begin(SamplingStart) -> (state, noise, latent)` when each sampling run of `model` starts (ComfyUI's
+    OUTER_SAMPLE wrapper, under `key`): the run samples the returned noise and latent, and its transformer
+    options hold `state` under `state_key` for this run only (ComfyUI drops its copy of the options after the
+    run, so nothing carries over to the next prompt). `key` also names the conditioning entries' mark."""
+
+    def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        marks = [entry.get(key) for entry in guider.conds.get("positive", [])]
+        state, noise, latent_image = begin(SamplingStart(noise, latent_image, sigmas, marks))
+        guider.model_options.setdefault("transformer_options", {})[state_key] = state
+        if "latent_shapes" in kwargs:
+            kwargs["latent_shapes"] = [latent_image.shape]
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, outer_sample)
+
+
+def wrap_model_calls(model, key: str, state_key: str, after) -> None:
+    """After every model evaluation of a sampling run (CFG applied), `after(state, denoised) -> denoised`, with the
+    run's state (ComfyUI's PREDICT_NOISE wrapper, under `key`)."""
+
+    def predict_noise(executor, x, timestep, model_options=None, seed=None):
+        out = executor(x, timestep, model_options, seed)
+        state = sampling_state(model_options or {}, state_key)
+        return out if state is None else after(state, out)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, predict_noise)
+
+
+def add_post_cfg(model, state_key: str, fn) -> None:
+    """`fn(state, denoised, cond_denoised) -> denoised` after CFG (ComfyUI's sampler_post_cfg_function), with the
+    sampling run's state; changes `model` in place."""
+
+    def post_cfg(args):
+        state = sampling_state(args["model_options"], state_key)
+        return args["denoised"] if state is None else fn(state, args["denoised"], args["cond_denoised"])
+
+    model.set_model_sampler_post_cfg_function(post_cfg)
+
+
+def sampling_state(model_options: dict, state_key: str):
+    """The state a wrap_sampling wrapper left for this run in the model options a sampler receives, or None."""
+    return model_options.get("transformer_options", {}).get(state_key)
+
+
+def model_state(model, key: str):
+    """What set_model_state put on this MODEL (and its clones: LoRA loaders and other patches keep it), or None."""
+    return model.model_options.get("transformer_options", {}).get(key)
+
+
+def set_model_state(model, key: str, value) -> None:
+    model.model_options.setdefault("transformer_options", {})[key] = value

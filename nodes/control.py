@@ -16,16 +16,19 @@ import numpy as np
 import torch
 
 from ..blip_core.control import resize_control_image
-from ..blip_core.layout import CONTROLNET
+from ..blip_core.layout import BLIP_DIFFUSION_CANNY, CONTROLNET, HED_ANNOTATOR, SCRIBBLE_CONTROLNET
 from ..blip_core.loading import load_strict, read_state_dict
 from ..blip_core.preprocess import check_images, to_rgb, to_uint8
 from . import compat, paths
 from .api import CATEGORY, io, number_error
 from .models import load_controlnet
 
-HED_FILE = "ControlNetHED.pth"
+HED_FILE = HED_ANNOTATOR.files[0]
 # An SD-1.5 ControlNet's hint is the output's size (512-1024); HED's memory grows with its square (~1 GB at 2048).
 MAX_RESOLUTION = 2048
+CONTROLNET_HINT = (
+    f"for the canny ControlNet, {BLIP_DIFFUSION_CANNY.hint()}; for the scribble one, {SCRIBBLE_CONTROLNET.hint()}"
+)
 RESOLUTION_TIP = (
     "Detection resolution: the short side is scaled to this (both sides rounded to multiples of 64), "
     f"and so is the output. At most {MAX_RESOLUTION}."
@@ -133,7 +136,7 @@ class BlipDiffusionControlNetApply(io.ComfyNode):
         cls, strength: float | None = None, start_percent: float | None = None, end_percent: float | None = None
     ):
         return (
-            number_error(strength=strength, start_percent=start_percent, end_percent=end_percent)
+            number_error(cls, strength=strength, start_percent=start_percent, end_percent=end_percent)
             or window_error(start_percent, end_percent)
             or True
         )
@@ -194,7 +197,13 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
         expected = "is neither a BLIP-Diffusion folder with controlnet/config.json nor a ControlNet file"
         return (
             paths.entry_error(
-                "model_name", model_name, paths.CONTROLNETS, "ControlNet", paths.is_weights_file, expected
+                "model_name",
+                model_name,
+                paths.CONTROLNETS,
+                "ControlNet",
+                paths.is_weights_file,
+                expected,
+                CONTROLNET_HINT,
             )
             or True
         )
@@ -204,7 +213,9 @@ class BlipDiffusionControlNetLoader(io.ComfyNode):
         release = paths.release_with_controlnet(model_name)
         if release is not None:
             return io.NodeOutput(load_controlnet(CONTROLNET.weights_file(release)))
-        return io.NodeOutput(load_controlnet(paths.resolve(model_name, paths.CONTROLNETS, what="ControlNet")))
+        return io.NodeOutput(
+            load_controlnet(paths.resolve(model_name, paths.CONTROLNETS, what="ControlNet", hint=CONTROLNET_HINT))
+        )
 
 
 def detect_each(images: torch.Tensor, detect) -> torch.Tensor:
@@ -261,14 +272,13 @@ class BlipDiffusionCannyEdges(io.ComfyNode):
 
 def hed_weights(annotator: str) -> Path:
     """`models/annotators/<annotator>` itself if it is a file, else the ControlNetHED.pth in (or below) it."""
-    path = paths.resolve(annotator, paths.ANNOTATORS, what="annotator")
+    path = paths.resolve(annotator, paths.ANNOTATORS, what="annotator", hint=HED_ANNOTATOR.hint())
     if path.is_file():
         return path
     found = sorted(path.rglob(HED_FILE))
     if not found:
         raise FileNotFoundError(
-            f"annotator {annotator!r}: no {HED_FILE} in {path}; download {HED_FILE} from the "
-            f"lllyasviel/Annotators repository and put it in that folder"
+            f"annotator {annotator!r}: no {HED_FILE} in {path}; download it from {HED_ANNOTATOR.page} into that folder"
         )
     return found[0]
 

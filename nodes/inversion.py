@@ -77,7 +77,7 @@ class BlipDiffusionDDIMInversion(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, cfg: float | None = None):
-        return number_error(cfg=cfg) or True
+        return number_error(cls, cfg=cfg) or True
 
     @classmethod
     def execute(cls, model, positive, latent, steps: int, cfg: float, negative=None) -> io.NodeOutput:

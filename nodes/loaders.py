@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..blip_core.layout import CONFIG, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES, check_model_folder
+from ..blip_core.layout import BLIP_DIFFUSION, CONFIG, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES, check_model_folder
 from . import paths
 from .api import CATEGORY, SubjectEncoderType, combo_error, io
 from .models import load_clip, load_unet, load_vae, read_configs
@@ -10,7 +10,7 @@ from .subject import DTYPES, load_encoder
 
 WHERE = (
     "Folders in models/blip_diffusion with the released diffusers layout (model_index.json, qformer/, "
-    "text_encoder/, tokenizer/, unet/, vae/), e.g. a download of Salesforce/blipdiffusion."
+    f"text_encoder/, tokenizer/, unet/, vae/), e.g. {BLIP_DIFFUSION.location}: {BLIP_DIFFUSION.page}"
 )
 DTYPE_TIP = (
     "Weight precision. auto: ComfyUI's precision flags if given; otherwise the UNet, CLIP and VAE as "
@@ -59,17 +59,24 @@ class BlipDiffusionLoader(io.ComfyNode):
             "qformer/, text_encoder/, tokenizer/, unet/, vae/)"
         )
         return (
-            paths.entry_error("model_name", model_name, paths.MODELS, "BLIP-Diffusion model", is_model_folder, expected)
+            paths.entry_error(
+                "model_name",
+                model_name,
+                paths.MODELS,
+                "BLIP-Diffusion model",
+                is_model_folder,
+                expected,
+                BLIP_DIFFUSION.hint(),
+            )
             or combo_error("weight_dtype", weight_dtype, list(DTYPES))
             or True
         )
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
-        folder = paths.resolve(model_name, what="BLIP-Diffusion model")
+        folder = paths.resolve(model_name, what="BLIP-Diffusion model", hint=BLIP_DIFFUSION.hint())
         check_model_folder(folder)
         unet_config, encoder_config = read_configs(folder)
-        # The biggest part first: its file and its copy are both in memory while it loads.
         unet = load_unet(folder, unet_config, DTYPES[weight_dtype])
         return io.NodeOutput(
             unet, load_clip(folder), load_vae(folder), load_encoder(folder, weight_dtype, encoder_config)
@@ -107,14 +114,22 @@ class BlipDiffusionSubjectEncoderLoader(io.ComfyNode):
             f"({', '.join(sorted(WEIGHT_SUFFIXES))})"
         )
         return (
-            paths.entry_error("model_name", model_name, paths.MODELS, "subject encoder", is_encoder_entry, expected)
+            paths.entry_error(
+                "model_name",
+                model_name,
+                paths.MODELS,
+                "subject encoder",
+                is_encoder_entry,
+                expected,
+                BLIP_DIFFUSION.hint(),
+            )
             or combo_error("weight_dtype", weight_dtype, list(DTYPES))
             or True
         )
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
-        path = paths.resolve(model_name, what="subject encoder")
+        path = paths.resolve(model_name, what="subject encoder", hint=BLIP_DIFFUSION.hint())
         return io.NodeOutput(load_encoder(path, weight_dtype))
 
 

@@ -116,7 +116,9 @@ def load_controlnet(path: Path):
             f"{CONFIG} next to it (expected {path.parent / CONFIG})"
         )
     # ComfyUI's own loader turns on global average pooling for shuffle ControlNets by file name
-    net = compat.load_controlnet(state_dict, global_average_pooling=path.stem.endswith(("_shuffle", "_shuffle_fp16")))
+    net = compat.load_controlnet(
+        state_dict, global_average_pooling=path.stem.endswith(("_shuffle", "_shuffle_fp16")), ldm_keys=converted
+    )
     if net is None:
         raise ValueError(f"{path} holds no ControlNet or T2I-Adapter weights that ComfyUI recognises")
     if converted:  # ComfyUI only warns about missing tensors; a converted release must be complete

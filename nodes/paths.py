@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..blip_core.layout import CONFIG, CONTROLNET, MODEL_INDEX, QFORMER, WEIGHT_SUFFIXES
+from ..blip_core.layout import (
+    ANNOTATORS_FOLDER,
+    CONFIG,
+    CONTROLNET,
+    CONTROLNETS_FOLDER,
+    MODEL_INDEX,
+    MODELS_FOLDER,
+    QFORMER,
+    WEIGHT_SUFFIXES,
+)
 from ..blip_core.messages import quoted
 from . import compat
 
-MODELS = "blip_diffusion"
+MODELS, CONTROLNETS, ANNOTATORS = MODELS_FOLDER, CONTROLNETS_FOLDER, ANNOTATORS_FOLDER
 SUBJECTS = "blip_diffusion_subjects"
-ANNOTATORS = "annotators"  # preprocessor weights, e.g. models/annotators/Annotators/ControlNetHED.pth
-CONTROLNETS = "controlnet"  # ComfyUI's own folder
 SUBJECT_SUFFIX = ".safetensors"  # subject files are never pickle
 INPUT_TAG = " [input]"  # ComfyUI's annotation for a file of the input folder (folder_paths.annotated_filepath)
 MAX_NAME = 1024  # characters of a user-typed name (file systems allow 255 a part, 4096 a path)
@@ -76,12 +83,15 @@ def annotator_entries() -> list[str]:
     return sorted(names)
 
 
-def resolve(name: str, kind: str = MODELS, what: str = "model") -> Path:
-    """The path of `name` inside one of the `kind` folders; never outside them."""
-    return _inside(name, roots(kind), f"models/{kind}", what)
+def resolve(name: str, kind: str = MODELS, what: str = "model", hint: str = "") -> Path:
+    """The path of `name` inside one of the `kind` folders; never outside them. `hint` (where to get it) ends
+    the error when it is not there."""
+    return _inside(name, roots(kind), f"models/{kind}", what, hint)
 
 
-def entry_error(input_name: str, name: str | None, kind: str, what: str, is_entry, expected: str) -> str | None:
+def entry_error(
+    input_name: str, name: str | None, kind: str, what: str, is_entry, expected: str, hint: str = ""
+) -> str | None:
     """Why a loader's `name` is not an entry of its list, or None (also for a linked value).
 
     ComfyUI does not check V3 combo values, so a loader checks its own in `validate_inputs`:
@@ -93,7 +103,7 @@ def entry_error(input_name: str, name: str | None, kind: str, what: str, is_entr
     if name is None:
         return None
     try:
-        path = resolve(name, kind, what)
+        path = resolve(name, kind, what, hint)
     except (ValueError, OSError) as e:
         return f"{input_name}: {e}"
     return None if is_entry(path) else f"{input_name}: {what} {quoted(name)} is in models/{kind} but {expected}"
@@ -118,7 +128,7 @@ def malformed(name: str) -> str | None:
     return None
 
 
-def _inside(name: str, folders: list[Path], where: str, what: str) -> Path:
+def _inside(name: str, folders: list[Path], where: str, what: str, hint: str = "") -> Path:
     if escapes(name):
         raise ValueError(f"{what} {quoted(name)} must be a name inside {where}, not a path")
     problem = malformed(name)
@@ -129,7 +139,9 @@ def _inside(name: str, folders: list[Path], where: str, what: str) -> Path:
         if path.exists():
             return path
     searched = ", ".join(str(r) for r in folders)
-    raise FileNotFoundError(f"{what} {quoted(name)} not found in {where} (searched: {searched})")
+    raise FileNotFoundError(
+        f"{what} {quoted(name)} not found in {where} (searched: {searched})" + (f"; {hint}" if hint else "")
+    )
 
 
 def prefix_error(prefix: str | None) -> str | None:

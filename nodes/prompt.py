@@ -29,16 +29,28 @@ def _text_entries(chunks: list[list[tuple]], eos) -> list[tuple]:
     return entries
 
 
+def _special_tokens(clip) -> tuple:
+    """CLIP-L's (BOS, EOS, padding) token ids, as ComfyUI's tokenizer writes them."""
+    empty = compat.clip_l_tokens(clip, "")[0]
+    return empty[0][0], empty[1][0], empty[-1][0]
+
+
+def token_ids(clip, text: str) -> list[int | None]:
+    """`text`'s CLIP-L token ids with BOS and EOS, unpadded, across chunks; None for an embedding (a tensor)."""
+    bos, eos, _ = _special_tokens(clip)
+    entries = _text_entries(compat.clip_l_tokens(clip, text), eos)
+    return [bos, *(t if isinstance(t, int) else None for t, _ in entries), eos]
+
+
 def fused_tokens(clip, text: str, context: torch.Tensor) -> list[list[tuple]]:
     """CLIP-L tokens of one chunk: BOS, "a", the context rows, the rest of the text, EOS, padding."""
-    empty = compat.clip_l_tokens(clip, "")[0]
-    bos, eos, pad = empty[0][0], empty[1][0], empty[-1][0]
+    bos, eos, pad = _special_tokens(clip)
     entries = _text_entries(compat.clip_l_tokens(clip, text), eos)
     ctx = [(row, 1.0) for row in context]
     return [splice_context(entries, ctx, (bos, 1.0), (eos, 1.0), (pad, 1.0))]
 
 
-def _merge_batch(conditionings: list[list]) -> list:
+def merge_batch(conditionings: list[list]) -> list:
     """N single-image CONDITIONINGs of equal structure -> one whose tensors have batch N."""
     merged = []
     for parts in zip(*conditionings):
@@ -61,7 +73,7 @@ def encode_fused(clip, text: str, embeds: torch.Tensor) -> list:
             f"subject: its embeddings are {embeds.shape[-1]} wide but this CLIP's tokens are {width} "
             "wide; use the CLIP of the same BLIP-Diffusion model"
         )
-    return _merge_batch([compat.encode_clip_l_tokens(clip, fused_tokens(clip, text, row)) for row in embeds])
+    return merge_batch([compat.encode_clip_l_tokens(clip, fused_tokens(clip, text, row)) for row in embeds])
 
 
 class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
@@ -128,7 +140,7 @@ class BlipDiffusionMultimodalPromptFuse(io.ComfyNode):
     def validate_inputs(cls, multi_image: str | None = None, prompt_strength: float | None = None):
         return (
             combo_error("multi_image", multi_image, MULTI_IMAGE)
-            or number_error(prompt_strength=prompt_strength)
+            or number_error(cls, prompt_strength=prompt_strength)
             or True
         )
 

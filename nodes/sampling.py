@@ -13,7 +13,7 @@ from ..blip_core.sampling import (
     sample_plms,
     starts_from_noise,
 )
-from . import compat
+from . import compat, editing
 from .api import CATEGORY, combo_error, io, number_error
 
 # The reference samplers, by sampler_name: their loop and the steps_offset of their schedule.
@@ -79,7 +79,8 @@ class ReferenceSampler(compat.Sampler):
         start = (1 + sigmas[0] ** 2).sqrt() if starts_from_noise(sigmas) else sigmas[0]
         x = noise * start + (latent_image if latent_image is not None else 0)
         loop, _ = REFERENCE[self.name]
-        x = loop(eps, x, sigmas, progress(callback, len(sigmas) - 1))
+        blend = editing.claim_step_hook(extra_args["model_options"])  # an edit's LocalBlend, between steps
+        x = loop(eps, x, sigmas, progress(callback, len(sigmas) - 1), after_step=blend)
         return x / (1 + sigmas[-1] ** 2).sqrt()
 
 
@@ -226,7 +227,7 @@ class BlipDiffusionSampler(io.ComfyNode):
         return (
             combo_error("sampler_name", sampler_name, SAMPLERS)
             or combo_error("scheduler", scheduler, SCHEDULERS)
-            or number_error(cfg=cfg, denoise=denoise)
+            or number_error(cls, steps=steps, cfg=cfg, denoise=denoise)
             or schedule_error(steps, denoise, scheduler)
             or True
         )
@@ -246,7 +247,7 @@ class BlipDiffusionSampler(io.ComfyNode):
         denoise: float,
     ) -> io.NodeOutput:
         latent = compat.fix_empty_latent_channels(model, latent_image["samples"])
-        check_batches(positive, negative, latent.shape[0])
+        check_batches(positive, negative, editing.sampled_batch(model, positive, latent.shape[0]))
         sigmas = sampler_sigmas(model, sampler_name, scheduler, steps, denoise)
         noise = start_noise(latent_image, latent, seed, sigmas, denoise)
         sampler = ReferenceSampler(sampler_name) if sampler_name in REFERENCE else compat.sampler(sampler_name)
@@ -323,7 +324,7 @@ class BlipDiffusionReferenceSigmas(io.ComfyNode):
     def validate_inputs(cls, schedule: str | None = None, denoise: float | None = None, steps: int | None = None):
         return (
             combo_error("schedule", schedule, list(SCHEDULES))
-            or number_error(denoise=denoise)
+            or number_error(cls, steps=steps, denoise=denoise)
             or schedule_error(steps, denoise, "reference")
             or True
         )

@@ -7,14 +7,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..blip_core.config import SubjectEncoderConfig
-from ..blip_core.preprocess import MODES
+from ..blip_core.preprocess import MODES, encoder_view
 from ..blip_core.subject import MAX_VIEWS, Subject, check_category
 from ..blip_core.subject_encoder import SubjectEncoder, load_subject_encoder
 from . import compat
-from .api import CATEGORY, SubjectEncoderType, SubjectType, combo_error, io
+from .api import CATEGORY, SubjectEncoderType, SubjectType, combo_error, io, ui
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,11 +30,10 @@ class LoadedSubjectEncoder:
     compute_dtype: torch.dtype
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, category: str, preprocess: str, mask=None) -> torch.Tensor:
+    def encode(self, view: np.ndarray, category: str) -> torch.Tensor:
+        """The embeddings of what the vision tower sees (preprocess.encoder_view)."""
         compat.load_models_gpu([self.patcher])
-        out = self.encoder.encode(
-            images, category, preprocess, mask, device=self.patcher.load_device, dtype=self.compute_dtype
-        )
+        out = self.encoder.encode_view(view, category, device=self.patcher.load_device, dtype=self.compute_dtype)
         return out.to(compat.intermediate_device())
 
 
@@ -87,7 +87,8 @@ class BlipDiffusionSubjectEncoder(io.ComfyNode):
             display_name="BLIP-Diffusion Subject Encoder",
             category=f"{CATEGORY}/subject",
             description="Turns a photo of your subject and its category word into BLIP-Diffusion subject embeddings "
-            "(16 vectors in CLIP's token space).",
+            "(16 vectors in CLIP's token space). Shows the 224x224 image(s) it encoded, after the mask and the "
+            "squash or crop: check that the subject is all there.",
             inputs=[
                 SubjectEncoderType.Input(
                     "subject_encoder", tooltip="From a BLIP-Diffusion Loader or Subject Encoder Loader."
@@ -127,13 +128,16 @@ class BlipDiffusionSubjectEncoder(io.ComfyNode):
     def execute(cls, subject_encoder, image, subject: str, preprocess: str, mask=None) -> io.NodeOutput:
         if image.ndim == 4 and image.shape[0] > MAX_VIEWS:  # refused before minutes of encoding, not after
             raise ValueError(f"image: a batch of {image.shape[0]} photos; a subject has at most {MAX_VIEWS} views")
-        embeds = subject_encoder.encode(image, subject, preprocess, mask)
+        view = encoder_view(image, preprocess, mask)
+        embeds = subject_encoder.encode(view, subject)
         metadata = {
             "preprocess": preprocess,
             "encoder": subject_encoder.encoder.name,
             "image_sha256": hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
         }
-        return io.NodeOutput(Subject(embeds, subject, metadata))
+        # On the node, as PreviewImage shows its images (temporary files): exactly the pixels encoded.
+        seen = ui.PreviewImage(torch.from_numpy(view).float() / 255, cls=cls)
+        return io.NodeOutput(Subject(embeds, subject, metadata), ui=seen)
 
 
 NODES = [BlipDiffusionSubjectEncoder]

@@ -46,7 +46,7 @@ class BlipDiffusionSubjectBlend(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ratio: float | None = None):
-        return number_error(ratio=ratio) or True
+        return number_error(cls, ratio=ratio) or True
 
     @classmethod
     def execute(cls, subject_a, subject_b, ratio: float, category: str = "") -> io.NodeOutput:
@@ -61,7 +61,8 @@ class BlipDiffusionSaveSubject(io.ComfyNode):
             display_name="BLIP-Diffusion Save Subject",
             category=f"{CATEGORY}/subject",
             description="Saves a subject (embeddings, category, provenance) as a .safetensors file in the output "
-            "folder. Move it to models/blip_diffusion_subjects or input to load it in other graphs.",
+            "folder and shows its name. Move it to models/blip_diffusion_subjects or input to load it in other "
+            "graphs.",
             inputs=[
                 SubjectType.Input("subject", tooltip="From a subject encoder, blend or loader."),
                 io.String.Input(
@@ -86,8 +87,12 @@ class BlipDiffusionSaveSubject(io.ComfyNode):
             save_subject(subject, path)
         except OSError as e:  # e.g. a folder of the prefix is a file already
             raise ValueError(f"filename_prefix: cannot write a subject file there: {e}") from None
-        # A file locator, as SaveLatent reports its files: the /history entry names what was written.
-        return io.NodeOutput(ui={"subjects": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]})
+        # A file locator, as SaveLatent reports its files: the /history entry names what was written; and the
+        # same as text, which web/blip_diffusion.js shows on the node.
+        written = f"output/{subfolder}/{path.name}" if subfolder else f"output/{path.name}"
+        return io.NodeOutput(
+            ui={"subjects": [{"filename": path.name, "subfolder": subfolder, "type": "output"}], "text": [written]}
+        )
 
 
 class BlipDiffusionLoadSubject(io.ComfyNode):

@@ -92,8 +92,10 @@ def comfy_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(comfy_base) -> str:
-    """Made before any workflow loads it: ComfyUI caches loader outputs by input values."""
-    make_model(comfy_base / "models" / "blip_diffusion" / TINY, size="tiny", controlnet=True)
+    """Made before any workflow loads it: ComfyUI caches loader outputs by input values. Its weights are in both
+    formats: the loaders read the safetensors files, and the front end finds the release's file names (pickles),
+    which the example workflows list for its missing-models check."""
+    make_model(comfy_base / "models" / "blip_diffusion" / TINY, size="tiny", fmt="both", controlnet=True)
     return TINY
 
 

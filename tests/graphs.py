@@ -179,6 +179,97 @@ def inversion(
     return g
 
 
+def edit(
+    model: str,
+    photo: str | None = None,
+    subject_image: str = "blipd_example_cat.jpg",
+    subject: str = "cat",
+    subject_file: str | None = None,
+    source: str = "dog",
+    prompt: str = "on the grass",
+    target: str = "",
+    placeholder: str = "lavis",
+    negative: str = NEGATIVE,
+    size: int = 64,
+    steps: int = 4,
+    seed: int = 0,
+    cfg: float = 7.5,
+    cross_replace: float = 0.8,
+    self_replace: float = 0.4,
+    local_blend: bool = True,
+    threshold: float = 0.3,
+    sampler: str | None = None,
+    prefix: str = "edit",
+) -> Graph:
+    """A subject-driven edit. Loader (1) -> subject photo (2) -> subject (3) (or Load Subject (3) of
+    `subject_file`) -> Edit Prompt (4) + negative (5) -> Prompt-to-Prompt (6) -> the start (7) ->
+    BlipDiffusionSampler (8) -> VAEDecode (9) -> SaveImage (10). The start: an empty latent of `size`
+    (generate then edit, pndm), or with `photo`: LoadImage (11) -> VAEEncode (12) -> DDIM Inversion (7) with
+    the Edit Prompt's source prompt (reference_ddim)."""
+    g = Graph()
+    loader = g.add("BlipDiffusionLoader", "1", model_name=model, weight_dtype="auto")[0]
+    if subject_file is None:
+        encoded = g.add(
+            "BlipDiffusionSubjectEncoder",
+            "3",
+            subject_encoder=[loader, 3],
+            image=g.add("LoadImage", "2", image=subject_image),
+            subject=subject,
+            preprocess="squash",
+        )
+    else:
+        encoded = g.add("BlipDiffusionLoadSubject", "3", subject_file=subject_file)
+    g.add(
+        "BlipDiffusionEditPrompt",
+        "4",
+        clip=[loader, 1],
+        subject=encoded,
+        source_subject=source,
+        prompt=prompt,
+        target_subject=target,
+        placeholder=placeholder,
+    )
+    g.add("CLIPTextEncode", "5", clip=[loader, 1], text=negative)
+    g.add(
+        "BlipDiffusionPromptToPrompt",
+        "6",
+        model=[loader, 0],
+        edit=["4", 1],
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+        local_blend=local_blend,
+        blend_threshold=threshold,
+    )
+    if photo is None:
+        g.add("EmptyLatentImage", "7", width=size, height=size, batch_size=1)
+    else:
+        g.add(
+            "BlipDiffusionDDIMInversion",
+            "7",
+            model=[loader, 0],
+            positive=["4", 2],
+            latent=g.add("VAEEncode", "12", pixels=g.add("LoadImage", "11", image=photo), vae=[loader, 2]),
+            steps=steps,
+            cfg=1.0,
+        )
+    samples = g.add(
+        "BlipDiffusionSampler",
+        "8",
+        model=["6", 0],
+        positive=["4", 0],
+        negative=["5", 0],
+        latent_image=["7", 0],
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler or ("pndm" if photo is None else "reference_ddim"),
+        scheduler="reference",
+        denoise=1.0,
+    )
+    g.add("SaveImage", "10", images=g.add("VAEDecode", "9", samples=samples, vae=[loader, 2]), filename_prefix=prefix)
+    return g
+
+
 def loaded_subject(subject_file: str, probe_name: str = "loaded") -> Graph:
     """BLIP-Diffusion Load Subject (1), its subject probed (2)."""
     g = Graph()

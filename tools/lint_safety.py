@@ -12,8 +12,9 @@
   folder or opened directly.
 - static-comfy-internals: in nodes/, only compat.py touches ComfyUI's internal attributes
   (ruff's banned-api rule already keeps ComfyUI's imports there).
-- static-float-inputs: every FLOAT input of a node is passed to number_error in its validate_inputs
-  (ComfyUI's own min/max check lets NaN through).
+- static-float-inputs: every FLOAT input of a node, and every INT input its validate_inputs receives, is
+  passed to number_error there (ComfyUI's own min/max check lets NaN through, and it skips inputs that
+  validate_inputs receives).
 
 The ids are the rows of docs/reliability.md these checks cover.
 """
@@ -157,48 +158,51 @@ def comfy_internals(source: str) -> list[str]:
     ]
 
 
-def float_input_name(call: ast.AST) -> str | None:
-    """The input name of an `io.Float.Input("name", ...)` call, else None."""
+def number_input(call: ast.AST) -> tuple[str, str] | None:
+    """(name, "Float" or "Int") of an `io.Float.Input("name", ...)` or `io.Int.Input(...)` call, else None."""
     if (
         isinstance(call, ast.Call)
-        and ast.unparse(call.func) == "io.Float.Input"
+        and ast.unparse(call.func) in ("io.Float.Input", "io.Int.Input")
         and call.args
         and isinstance(call.args[0], ast.Constant)
     ):
-        return call.args[0].value
+        return call.args[0].value, ast.unparse(call.func).split(".")[1]
     return None
 
 
-def float_helpers(sources: list[str]) -> dict[str, str]:
-    """Module functions of the node files that return an io.Float.Input: function name -> input name."""
+def number_helpers(sources: list[str]) -> dict[str, tuple[str, str]]:
+    """Module functions of the node files that return a number input: function name -> (input name, kind)."""
     helpers = {}
     for source in sources:
         for function in (n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)):
             for node in ast.walk(function):
-                if isinstance(node, ast.Return) and (name := float_input_name(node.value)):
-                    helpers[function.name] = name
+                if isinstance(node, ast.Return) and (found := number_input(node.value)):
+                    helpers[function.name] = found
     return helpers
 
 
-def unchecked_floats(source: str, helpers: dict[str, str]) -> list[str]:
-    """FLOAT inputs of the nodes in `source` that their validate_inputs does not pass to number_error."""
+def unchecked_numbers(source: str, helpers: dict[str, tuple[str, str]]) -> list[str]:
+    """Number inputs of the nodes in `source` that their validate_inputs must pass to number_error and does not:
+    every FLOAT input, and the INT inputs validate_inputs receives."""
     problems = []
     for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
-        floats = set()
+        inputs = {}
         for node in ast.walk(cls):
-            name = float_input_name(node)
-            if name is None and isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                name = helpers.get(node.func.id)
-            if name is not None:
-                floats.add(name)
+            found = number_input(node)
+            if found is None and isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                found = helpers.get(node.func.id)
+            if found is not None:
+                inputs[found[0]] = found[1]
         validate = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "validate_inputs"), None)
+        received = {a.arg for a in validate.args.args} if validate else set()
         checked = set()
         for node in ast.walk(validate) if validate else ():
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "number_error":
                 checked |= {k.arg for k in node.keywords if isinstance(k.value, ast.Name) and k.value.id == k.arg}
         problems += [
-            f"{cls.name}: FLOAT input {name!r} is not checked by number_error in validate_inputs"
-            for name in sorted(floats - checked)
+            f"{cls.name}: {kind.upper()} input {name!r} is not checked by number_error in validate_inputs"
+            for name, kind in sorted(inputs.items())
+            if name not in checked and (kind == "Float" or name in received)
         ]
     return problems
 
@@ -210,9 +214,9 @@ def lint(root: Path = ROOT) -> dict[str, list[str]]:
         for found in unsafe_loads(path.read_text()):
             problems["static-torch-load"].append(f"{path.relative_to(root)}: {found}")
     node_files = {path: path.read_text() for path in sorted((root / "nodes").glob("*.py"))}
-    helpers = float_helpers(list(node_files.values()))
+    helpers = number_helpers(list(node_files.values()))
     for path, source in node_files.items():
-        problems["static-float-inputs"] += [f"{path.name}: {p}" for p in unchecked_floats(source, helpers)]
+        problems["static-float-inputs"] += [f"{path.name}: {p}" for p in unchecked_numbers(source, helpers)]
         problems["static-user-paths"] += [f"{path.name}: {p}" for p in unresolved_uses(source)[1]]
         if path.name != COMPAT_MODULE:
             problems["static-comfy-internals"] += [f"{path.name}: {p}" for p in comfy_internals(source)]

@@ -1,6 +1,6 @@
 """Write a seeded random BLIP-Diffusion model folder in the released diffusers layout.
 
-    python tools/make_tiny_model.py OUT_DIR [--size tiny|edit|micro|full] [--format safetensors|bin]
+    python tools/make_tiny_model.py OUT_DIR [--size tiny|edit|micro|full] [--format safetensors|bin|both]
                                             [--dtype fp16|fp32] [--controlnet] [--seed 0]
 
 Layout: model_index.json, qformer/, text_encoder/, tokenizer/, unet/, vae/, scheduler/,
@@ -248,13 +248,14 @@ def state_dict(shapes: dict, seed: int, dtype: torch.dtype, component: str) -> d
 
 
 def save_weights(tensors: dict, folder: Path, names: tuple[str, ...], fmt: str) -> None:
-    """Under the part's safetensors name (names[0]) or its pickle name (names[1]), as in blip_core.layout."""
+    """Under the part's safetensors name (names[0]), its pickle name (names[1]) or both (as some Hugging Face
+    repositories carry both), as in blip_core.layout."""
     folder.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":
+    if fmt in ("safetensors", "both"):
         from safetensors.torch import save_file
 
         save_file(tensors, str(folder / names[0]))
-    else:
+    if fmt in ("bin", "both"):
         torch.save(tensors, folder / names[1])
 
 
@@ -366,7 +367,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--size", choices=["tiny", "edit", "micro", "full"], default="tiny")
-    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    p.add_argument("--format", choices=["safetensors", "bin", "both"], default="safetensors")
     p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--controlnet", action="store_true")
     p.add_argument("--seed", type=int, default=0)

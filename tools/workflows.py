@@ -7,6 +7,10 @@ what ComfyUI's template browser serves and the front end loads) is laid out in c
 graph depth; widget values follow each node's input order from /object_info. The browser
 test (tests/ui) checks that the front end turns every UI file back into exactly its twin and
 that the layout fits the front end's node sizes.
+
+Each UI file also lists the model files its loaders read, with their folder and download link
+(blip_core.layout.DOWNLOADS), as the front end's missing-models dialog reads them: the front end
+looks each file up in its model folder and lists the absent ones when the workflow opens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+
+from blip_diffusion_nodes.blip_core.layout import (
+    BLIP_DIFFUSION,
+    BLIP_DIFFUSION_CANNY,
+    HED_ANNOTATOR,
+    SCRIBBLE_CONTROLNET,
+    Download,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +36,36 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SLOT_HEIGHT, WIDGET_HEIGHT, BODY_PADDING, TITLE_HEIGHT = 20, 24, 24, 30
 MULTILINE_HEIGHT = 110  # a text box of about five lines
 IMAGE_PREVIEW_HEIGHT = 250  # the picture a LoadImage shows, and the result a SaveImage shows after a run
-IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
+IMAGE_OUTPUT_NODES = {"SaveImage", "PreviewImage", "BlipDiffusionSubjectEncoder"}  # show images after a run
 NODE_WIDTH, WIDE_NODE_WIDTH = 320, 400  # nodes with a text box get the front end's default width for them
 TITLE_CHAR_WIDTH = 7.6  # the front end widens a node to its title: ~7.3 px a character in its default font
 COLUMN_BUDGET, COLUMN_GAP, ROW_GAP = 900, 50, 30  # px; ROW_GAP is free space between a node and the next title
+
+
+# The loader inputs of the examples that name a model, and the downloads each can name.
+MODEL_INPUTS: dict[tuple[str, str], tuple[Download, ...]] = {
+    ("BlipDiffusionLoader", "model_name"): (BLIP_DIFFUSION,),
+    ("BlipDiffusionControlNetLoader", "model_name"): (BLIP_DIFFUSION_CANNY, SCRIBBLE_CONTROLNET),
+    ("BlipDiffusionHEDEdges", "annotator"): (HED_ANNOTATOR,),
+}
+
+
+def model_files(class_type: str, inputs: dict) -> tuple[list[dict], list[dict]]:
+    """The front end's model entries ({name, url, directory}) for the files a node reads: (those its widget names
+    itself, which go in the node's properties.models, where the front end matches them to the widget; those inside
+    a folder its widget names, which go in the workflow's models: the front end compares a model's name with the
+    files of its folder, so a folder can only be checked through the files in it)."""
+    on_node, in_folder = [], []
+    for (node_type, name), downloads in MODEL_INPUTS.items():
+        value = inputs.get(name) if node_type == class_type else None
+        for download in downloads:
+            for file in download.files:
+                entry = {"name": f"{download.name}/{file}", "url": download.url(file), "directory": download.folder}
+                if value == entry["name"]:
+                    on_node.append(entry)
+                elif value == download.name:
+                    in_folder.append(entry)
+    return on_node, in_folder
 
 
 def is_widget(spec: list) -> bool:
@@ -95,7 +133,7 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
     depth = depths(prompt)
     layer = layers(prompt, depth)
     order = sorted(prompt, key=lambda n: (depth[n], int(n)))  # "order": a topological one, sources first
-    nodes, links = {}, []
+    nodes, links, models = {}, [], []
     for rank, node_id in enumerate(order):
         entry, info = prompt[node_id], object_info[prompt[node_id]["class_type"]]
         inputs, widgets, multiline, preview = [], [], False, entry["class_type"] in IMAGE_OUTPUT_NODES
@@ -140,6 +178,10 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
         }
         if "_meta" in entry:
             node["title"] = entry["_meta"]["title"]
+        on_node, in_folder = model_files(entry["class_type"], entry["inputs"])
+        if on_node:
+            node["properties"]["models"] = on_node
+        models += [m for m in in_folder if m not in models]
         nodes[node_id] = node
     # Place columns left to right, each as wide as its widest node; within a column, top to bottom by layer,
     # then by id (the twins number nodes in reading order). Positions are the top left of the body: the
@@ -174,6 +216,7 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
         "config": {},
         "extra": {},
         "version": 0.4,
+        "models": models,
     }
 
 

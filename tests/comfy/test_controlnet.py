@@ -389,13 +389,6 @@ def test_controlnet_of_another_architecture_is_refused(comfy, comfy_base, tiny_m
     assert "2048" in error["exception_message"] and "768" in error["exception_message"]
 
 
-def test_start_after_end_is_an_error(comfy, tiny_model, control_image):
-    error = execution_error(
-        comfy.run(generation(tiny_model, [apply(LOADED, start=0.7, end=0.3)], control_image, steps=2))
-    )
-    assert error and "start_percent" in error["exception_message"] and "end_percent" in error["exception_message"]
-
-
 # --- loader: formats and errors ----------------------------------------------------------------
 
 

@@ -101,6 +101,22 @@ def test_nan_in_a_float_input_is_refused(comfy, tiny_model, row, node, input_nam
     rejected(comfy, graph, node, input_name, f"{input_name}: expected a finite number, got nan")
 
 
+OUT_OF_RANGE = [  # (row, node in small(), input, value, expected)
+    ("number-above-max-denoise", "7", "denoise", 1.5, "denoise: 1.5 is above the maximum of 1"),
+    ("number-below-min-cfg", "7", "cfg", -3.0, "cfg: -3 is below the minimum of 0"),
+]
+rows(*(row for row, *_ in OUT_OF_RANGE))
+
+
+@pytest.mark.parametrize("row, node, input_name, value, expected", OUT_OF_RANGE, ids=[n[0] for n in OUT_OF_RANGE])
+def test_numbers_outside_the_declared_range_are_refused(comfy, tiny_model, row, node, input_name, value, expected):
+    """ComfyUI skips its own min/max check for the inputs a node's validate_inputs receives; the pack checks them
+    against the same schema limits (api.number_error)."""
+    graph = small(tiny_model)
+    graph[node]["inputs"][input_name] = value
+    rejected(comfy, graph, node, input_name, expected)
+
+
 @covers("float-nan-blend-ratio", "float-nan-controlnet")
 def test_nan_in_blend_and_controlnet_floats_is_refused(comfy, tiny_model):
     graph = small(tiny_model)

@@ -26,6 +26,8 @@ NODE_IDS = [
     "BlipDiffusionControlNetApply",
     "BlipDiffusionCannyEdges",
     "BlipDiffusionHEDEdges",
+    "BlipDiffusionEditPrompt",
+    "BlipDiffusionPromptToPrompt",
 ]
 
 

@@ -340,7 +340,11 @@ NAMES = [  # (row, node class, model_name, expected)
         "loader-name-missing",
         "BlipDiffusionLoader",
         "rel-not-there",
-        ("'rel-not-there' not found in models/blip_diffusion (searched: ",),
+        (
+            "'rel-not-there' not found in models/blip_diffusion (searched: ",
+            "; download the whole repository, with its sub-folders, from https://huggingface.co/Salesforce/blipdiffusion"
+            " into models/blip_diffusion/blipdiffusion/",
+        ),
     ),
     (
         "encoder-loader-name-dotdot",
@@ -377,7 +381,7 @@ def test_stale_combo_values_are_refused(comfy, tiny_model, row, node, input_name
 
 @covers("sampler-steps-zero")
 def test_zero_steps_are_refused(comfy, tiny_model):
-    rejected(comfy, small(tiny_model, steps=0), "7", "steps", "Value 0 smaller than min of 1")
+    rejected(comfy, small(tiny_model, steps=0), "7", "steps", "steps: 0 is below the minimum of 1")
 
 
 @covers("subject-empty", "subject-whitespace")
@@ -1144,7 +1148,13 @@ def test_hed_annotator_without_its_file(comfy, comfy_base, tiny_model):
             safe=False,
             resolution=128,
         )
-        rejected(comfy, graph, "2", "annotator", "no ControlNetHED.pth in", str(folder))
+        rejected(
+            comfy,
+            graph,
+            "2",
+            "annotator",
+            f"no ControlNetHED.pth in {folder}; download it from https://huggingface.co/lllyasviel/Annotators into",
+        )
     finally:
         shutil.rmtree(folder)
     healthy(comfy, tiny_model)

@@ -1,10 +1,13 @@
 // Drive ComfyUI's own front end in headless Chromium: load UI workflows like a user's file drop, report what
 // the app made of them, and queue them through the app.
 //
-//   node drive.js URL [--shots DIR] [--no-queue] [--set [NODE_TYPE.]WIDGET=NUMBER ...] WORKFLOW.json ...
+//   node drive.js URL [--shots DIR] [--run-shots DIR] [--dialog-shots DIR] [--no-queue]
+//                     [--set [NODE_TYPE.]WIDGET=NUMBER ...] WORKFLOW.json ...
 //
 // --set: before queueing, give every widget of that name (on nodes of that type, or on any node) that value,
 // as a user would; the tests make the example workflows small and short this way so they run in seconds.
+// --shots: a screenshot of each graph as loaded; --run-shots: of each graph after its run, with what the nodes
+// show (previews, texts); --dialog-shots: of the page with the dialogs that opened on load.
 //
 // Prints one JSON line per workflow (driveOne's report, or `error`). Exits non-zero only when the browser or the page
 // itself cannot be driven; everything about a workflow is data for the caller (tests/ui/test_frontend.py).
@@ -16,15 +19,17 @@ const VIEWPORT = { width: 1600, height: 900 };
 const HISTORY_TIMEOUT_MS = 120000;
 
 function parseArgs(argv) {
-  const args = { url: null, shots: null, queue: true, edits: {}, workflows: [] };
+  const args = { url: null, shots: null, runShots: null, dialogShots: null, queue: true, edits: {}, workflows: [] };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--shots') args.shots = argv[++i];
+    else if (argv[i] === '--run-shots') args.runShots = argv[++i];
+    else if (argv[i] === '--dialog-shots') args.dialogShots = argv[++i];
     else if (argv[i] === '--set') { const [key, value] = argv[++i].split('='); args.edits[key] = Number(value); }
     else if (argv[i] === '--no-queue') args.queue = false;
     else if (!args.url) args.url = argv[i].replace(/\/$/, '');
     else args.workflows.push(argv[i]);
   }
-  if (!args.url || !args.workflows.length) throw new Error('usage: node drive.js URL [--shots DIR] [--no-queue] [--set [NODE_TYPE.]WIDGET=NUMBER ...] WORKFLOW.json ...');
+  if (!args.url || !args.workflows.length) throw new Error('usage: node drive.js URL [--shots DIR] [--run-shots DIR] [--dialog-shots DIR] [--no-queue] [--set [NODE_TYPE.]WIDGET=NUMBER ...] WORKFLOW.json ...');
   return args;
 }
 
@@ -42,7 +47,7 @@ async function resizeWindow(page, size) {
 async function openDialogs(page) {
   return page.evaluate(() => [...document.querySelectorAll('.p-dialog, [role="dialog"]')]
     .filter((d) => d.offsetParent !== null || d.getClientRects().length)
-    .map((d) => d.innerText.trim().slice(0, 500)));
+    .map((d) => d.innerText.trim().slice(0, 3000)));
 }
 
 // Load exactly as a dropped file: app.handleFile is what the canvas' drop handler and the file picker call.
@@ -150,14 +155,39 @@ async function queueThroughApp(page, url) {
     status: entry.status.status_str,
     messages: entry.status.messages.filter(([kind]) => kind === 'execution_error'),
     images: Object.values(entry.outputs ?? {}).flatMap((o) => o.images ?? []),
+    outputs: entry.outputs ?? {},
+    // nodes ComfyUI did not run because an earlier prompt computed the same: it sends no outputs for them
+    cached: entry.status.messages.filter(([kind]) => kind === 'execution_cached').flatMap(([, data]) => data.nodes),
   };
   return { queued, http_status: response.status(), prompt_id: answer.prompt_id, history };
+}
+
+// What the nodes show after a run, once the front end has it from the server: the size of each image a node
+// displays (previews arrive as /view requests after the 'executed' message) and the values of its widgets.
+async function displayedOutputs(page, outputs) {
+  const expected = Object.fromEntries(Object.entries(outputs).map(([id, o]) => [id, (o.images ?? []).length]));
+  await page.waitForFunction((expected) => Object.entries(expected).every(([id, n]) => {
+    const node = window.app.graph.getNodeById(Number(id));
+    return !node || (node.imgs?.length ?? 0) >= n && (node.imgs ?? []).every((i) => i.complete);
+  }), expected, { timeout: 20000 }).catch(() => {});
+  await sleep(300);
+  return page.evaluate(() => Object.fromEntries(window.app.graph.nodes.map((n) => [String(n.id), {
+    type: n.type,
+    images: (n.imgs ?? []).map((i) => [i.naturalWidth, i.naturalHeight]),
+    // the text each string widget draws (a disabled widget keeps its value but draws none)
+    widgets: Object.fromEntries((n.widgets ?? []).filter((w) => typeof w.value === 'string').map((w) => [w.name, w._displayValue ?? w.value])),
+  }])));
 }
 
 async function driveOne(page, file, args) {
   const result = await loadLikeADrop(page, file);
   await sleep(500); // dialogs and image previews are scheduled after the load returns
   result.dialogs = await openDialogs(page);
+  if (result.dialogs.length && args.dialogShots) {
+    await sleep(1000); // the dialog's contents (e.g. the missing models' sizes) load after it opens
+    result.dialog_screenshot = path.join(args.dialogShots, path.basename(file, '.json') + '_dialog.png');
+    await page.screenshot({ path: result.dialog_screenshot });
+  }
   if (result.dialogs.length) await page.keyboard.press('Escape');
   result.layout = await layoutProblems(page);
   result.prompt = (await page.evaluate(() => window.app.graphToPrompt())).output;
@@ -168,6 +198,13 @@ async function driveOne(page, file, args) {
   if (args.queue) {
     result.widget_edits = await setWidgets(page, args.edits);
     Object.assign(result, await queueThroughApp(page, args.url));
+    if (result.history) {
+      result.displayed = await displayedOutputs(page, result.history.outputs);
+      if (args.runShots) {
+        result.run_screenshot = path.join(args.runShots, path.basename(file, '.json') + '_run.png');
+        await screenshotGraph(page, result.run_screenshot);
+      }
+    }
   }
   return result;
 }

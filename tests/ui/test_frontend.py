@@ -2,11 +2,14 @@
 
 drive.js loads every workflows/*.json the way a dropped file is loaded, reports what the app made of it
 (missing node types, dialogs, page errors, layout, the API prompt from app.graphToPrompt()), then makes it
-small through the widgets and queues it through the app; these tests judge that report against the
-committed API twins (workflows/api/*.json), which the server tests post as they are.
+small through the widgets, queues it through the app and reports what the nodes show after the run; these
+tests judge that report against the committed API twins (workflows/api/*.json), which the server tests post
+as they are. A second server without any model shows the missing-models dialog.
 
-Thumbnails for the template browser (workflows/<name>.jpg) and docs/zero_shot_graph.png are screenshots of
-the loaded graphs; rewrite them with
+Screenshots of every graph after its run and of that dialog are written to tests/ui/output/.
+
+Thumbnails for the template browser (workflows/<name>.jpg), docs/zero_shot_graph.png and the README's
+pictures of the subject preview and the missing-models dialog are screenshots; rewrite them with
 
     WRITE_THUMBNAILS=1 .venv/bin/python -m pytest tests/ui
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,11 +35,12 @@ from blip_diffusion_nodes.tests.graphs import (  # the CPU-friendly edit the ser
     shrink,
     twin,
 )
-from blip_diffusion_nodes.tools.comfy_server import PACK_NAME
+from blip_diffusion_nodes.tools.comfy_server import PACK_NAME, ComfyServer, prepare_base
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+OUTPUT = HERE / "output"  # screenshots of the runs and of the missing-models dialog
 CHROMIUM = Path("/usr/bin/chromium")  # drive.js launches this one (Debian's build, no downloaded browsers)
 # Small enough for the tiny test model to run each workflow in seconds: shrink()'s edit (image sizes of the
 # nodes in SIZE_INPUTS, every sampler's steps), made in the browser through the widgets of those names.
@@ -86,6 +91,8 @@ def browser_runs(request, tmp_path_factory) -> dict[str, dict]:
     _browser_or_skip()
     comfy = request.getfixturevalue("comfy")  # only now: no server start just to skip
     options = [arg for edit in WIDGET_EDITS for arg in ("--set", edit)]
+    OUTPUT.mkdir(exist_ok=True)
+    options += ["--run-shots", str(OUTPUT)]
     if os.environ.get("WRITE_THUMBNAILS") == "1":
         options += ["--shots", str(tmp_path_factory.mktemp("shots"))]
     results = drive(comfy.url, WORKFLOWS, *options)
@@ -158,6 +165,63 @@ def test_queued_workflow_runs_and_saves_an_image(comfy, browser_runs, name):
     assert image.size == (SIZE, SIZE)  # it ran the edited graph
 
 
+def nodes_of(name: str, class_type: str) -> list[str]:
+    return [node_id for node_id, node in twin(name).items() if node["class_type"] == class_type]
+
+
+@names
+def test_subject_encoder_shows_what_it_encoded(browser_runs, name):
+    """The Subject Encoder node shows the 224x224 image(s) it encoded (one per view), as previews. An encoder
+    ComfyUI took from its cache (the same photo and settings in an earlier workflow of the session) did not run
+    and sends nothing: tests/comfy/test_node_display.py checks the previews' pixels."""
+    run = report(browser_runs, name)
+    ran = [n for n in nodes_of(name, "BlipDiffusionSubjectEncoder") if n not in run["history"]["cached"]]
+    for node_id in ran:
+        previews = run["history"]["outputs"][node_id]["images"]
+        assert previews and all(p["type"] == "temp" for p in previews)
+        assert run["displayed"][node_id]["images"] == [[224, 224]] * len(previews)
+
+
+def test_save_subject_shows_the_file_it_wrote(browser_runs):
+    run = report(browser_runs, "subject_reuse")
+    (node_id,) = nodes_of("subject_reuse", "BlipDiffusionSaveSubject")
+    (written,) = run["history"]["outputs"][node_id]["text"]
+    assert re.fullmatch(r"output/blip_diffusion/subjects/cat_\d{5}_\.safetensors", written)
+    assert run["displayed"][node_id]["widgets"]["saved"] == written
+
+
+@pytest.fixture(scope="module")
+def bare_comfy(tmp_path_factory):
+    """A ComfyUI with the pack and no model at all, as a new user's."""
+    with ComfyServer(prepare_base(tmp_path_factory.mktemp("bare"))) as client:
+        yield client
+
+
+def expected_models(workflow: dict) -> list[dict]:
+    return workflow["models"] + [m for node in workflow["nodes"] for m in node["properties"].get("models", [])]
+
+
+def test_missing_models_dialog_names_folder_and_file(request, bare_comfy):
+    """Without the models, opening the workflow that uses them all lists each file the loaders read in the
+    front end's missing-models dialog, under its folder, with its download link (tools/workflows.py writes them
+    from blip_core.layout.DOWNLOADS; with the models present, test_loads_with_every_node_type_known sees no
+    dialog). The dialog offers a download only for .safetensors files; it names the others."""
+    _browser_or_skip()
+    OUTPUT.mkdir(exist_ok=True)
+    workflow = ROOT / "workflows" / "controlnet_multi.json"
+    run = report(drive(bare_comfy.url, [workflow], "--no-queue", "--dialog-shots", str(OUTPUT)), workflow.stem)
+    models = expected_models(json.loads(workflow.read_text()))
+    assert {m["directory"] for m in models} == {"blip_diffusion", "controlnet", "annotators"}
+    assert len(models) == 7
+    (dialog,) = run["dialogs"]
+    for model in models:
+        assert f"{model['directory']} / {model['name']}" in dialog
+    assert "Invalid directory" not in dialog  # the pack registers its model folders
+    assert Path(run["dialog_screenshot"]).is_file()
+    if os.environ.get("WRITE_THUMBNAILS") == "1":
+        write_picture(run["dialog_screenshot"], ROOT / "docs" / "missing_models.png")
+
+
 def test_a_missing_node_type_is_reported(request, tmp_path):
     """Negative control for the checks above: an unknown node type must show up in the report and a dialog."""
     _browser_or_skip()
@@ -182,7 +246,9 @@ def test_template_browser_serves_the_workflow_and_its_thumbnail(comfy, name):
 
 
 def write_thumbnails(results: dict[str, dict]) -> None:
-    """Screenshots (zoom 1, clipped to the graph) -> workflows/<name>.jpg and docs/zero_shot_graph.png."""
+    """Screenshots (zoom 1, clipped to the graph) -> workflows/<name>.jpg, docs/zero_shot_graph.png and, after
+    its run, the subject_reuse graph -> docs/subject_reuse_run.png (only when its Subject Encoder ran: taken from
+    ComfyUI's cache it shows no preview; run `pytest tests/ui -k subject_reuse` alone for that picture)."""
     for name, run in results.items():
         if "screenshot" not in run:  # drive.js failed on it; its tests say why
             continue
@@ -194,10 +260,15 @@ def write_thumbnails(results: dict[str, dict]) -> None:
             if data.tell() < THUMB_MAX_BYTES:
                 break
         (ROOT / "workflows" / f"{name}.jpg").write_bytes(data.getvalue())
-    # For the README: full zoom-1 detail as a 256-colour PNG (the UI has few colours: ~75 KB instead of ~260 KB;
-    # octree keeps the link colours, median cut shifted them).
-    shot = Image.open(report(results, "zero_shot")["screenshot"]).convert("RGB")
-    (ROOT / "docs").mkdir(exist_ok=True)
-    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(
-        ROOT / "docs" / "zero_shot_graph.png", optimize=True
-    )
+    write_picture(report(results, "zero_shot")["screenshot"], ROOT / "docs" / "zero_shot_graph.png")
+    reuse = report(results, "subject_reuse")
+    if not set(nodes_of("subject_reuse", "BlipDiffusionSubjectEncoder")) & set(reuse["history"]["cached"]):
+        write_picture(reuse["run_screenshot"], ROOT / "docs" / "subject_reuse_run.png")
+
+
+def write_picture(screenshot: str, out: Path) -> None:
+    """A screenshot for the README: full detail as a 256-colour PNG (the UI has few colours: ~75 KB instead of
+    ~260 KB; octree keeps the link colours, median cut shifted them)."""
+    shot = Image.open(screenshot).convert("RGB")
+    out.parent.mkdir(exist_ok=True)
+    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, optimize=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from blip_diffusion_nodes.tools.lint_safety import (
     ROOT,
     comfy_internals,
-    float_helpers,
-    unchecked_floats,
+    number_helpers,
+    unchecked_numbers,
     unresolved_uses,
     unsafe_loads,
 )
@@ -67,16 +67,19 @@ def test_comfy_internals_are_found():
     assert comfy_internals("x = subject.embeds\n") == []
 
 
-def test_float_inputs_without_a_finite_check_are_found():
+def test_number_inputs_without_a_check_are_found():
     source = (
         'def ratio_input():\n    return io.Float.Input("ratio", default=0.5)\n'
         'class A:\n    def define_schema(cls):\n        io.Float.Input("cfg")\n        ratio_input()\n'
-        "    def validate_inputs(cls, cfg=None, ratio=None):\n        return number_error(cfg=cfg) or True\n"
+        '        io.Int.Input("steps")\n        io.Int.Input("seed")\n'
+        "    def validate_inputs(cls, cfg=None, ratio=None, steps=None):\n"
+        "        return number_error(cls, cfg=cfg) or True\n"
         'class B:\n    def define_schema(cls):\n        io.Float.Input("cfg")\n'
     )
-    helpers = float_helpers([source])
-    assert helpers == {"ratio_input": "ratio"}
-    assert unchecked_floats(source, helpers) == [
+    helpers = number_helpers([source])
+    assert helpers == {"ratio_input": ("ratio", "Float")}
+    assert unchecked_numbers(source, helpers) == [
         "A: FLOAT input 'ratio' is not checked by number_error in validate_inputs",
+        "A: INT input 'steps' is not checked by number_error in validate_inputs",
         "B: FLOAT input 'cfg' is not checked by number_error in validate_inputs",
     ]

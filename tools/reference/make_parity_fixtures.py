@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from blip_diffusion_nodes.tools.make_tiny_model import weights_digest
+from blip_diffusion_nodes.tools.reference.run_pipeline import DDIM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
@@ -105,20 +106,12 @@ def ddim_traces(steps: int, seed: int = 1) -> dict[str, np.ndarray]:
     on the synthetic noise predictor, every step's sample kept."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-    config = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     g = torch.Generator().manual_seed(seed)
     z_init = torch.randn(1, 4, 8, 8, generator=g)
     weight = torch.randn(4, 4, generator=g) / 2
     out = {"z_init": z_init.numpy(), "weight": weight.numpy()}
     for name, cls in (("ddim", DDIMScheduler), ("inverse", DDIMInverseScheduler)):
-        scheduler = cls(**config)
+        scheduler = cls(**DDIM_CONFIG)
         scheduler.set_timesteps(steps)
         z = z_init.clone()
         for i, t in enumerate(scheduler.timesteps):

@@ -25,16 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blip_diffusion_nodes.tools.reference.run_pipeline import load_pipelines
-
-DDIM_CONFIG = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+from blip_diffusion_nodes.tools.reference.run_pipeline import DDIM_CONFIG, load_pipelines
 
 
 def embed(pipe, text: str) -> torch.Tensor:

@@ -7,14 +7,15 @@ Runs in the reference venv only (diffusers 0.39.0 + transformers 4.53.3):
 REQUEST.json: {"model": dir, "image": png, "subject": "dog", "target": "dog", "prompt": "...",
                "negative": "...", "seed": 0, "steps": 3, "guidance": 7.5, "height": 128, "width": 128,
                "strength": 1.0, "reps": 20, "control_image": png or null,
-               "control_scales": [one factor per ControlNet call] or null}
+               "control_scales": [one factor per ControlNet call] or null,
+               "device": "cpu" (default) or "cuda", "dtype": "fp32" (default) or "fp16"}
 
 control_scales multiplies the ControlNet's residuals call by call (the pipeline fixes them at 1.0):
 what a ComfyUI strength and start/end window mean, expressed on the reference.
 
-OUT.npz: image (float HxWx3 in 0..1), latents_final (unscaled, as a ComfyUI LATENT), noise,
-cond, uncond, timesteps, eps0 (the UNet's first output, both CFG halves) and, with a
-control image, the ControlNet's first down/mid residuals.
+OUT.npz (float32 arrays, whatever the device): image (float HxWx3 in 0..1), latents_final
+(unscaled, as a ComfyUI LATENT), noise, cond, uncond, timesteps, eps0 (the UNet's first output,
+both CFG halves) and, with a control image, the ControlNet's first down/mid residuals.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 BERT_VOCAB = ROOT / "blip_core" / "assets" / "bert-base-uncased-vocab.txt"
+
+# SD-1.5's DDIM scheduler settings, which LAVIS's editing and inversion use.
+DDIM_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -110,7 +121,9 @@ def main(request_file: Path, out: Path) -> None:
     req = json.loads(request_file.read_text())
     model = Path(req["model"])
     control = req.get("control_image")
-    plain, controlled = load_pipelines(model)
+    device = req.get("device", "cpu")  # tools/gpu_check.py: "cuda" and "fp16"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[req.get("dtype", "fp32")]
+    plain, controlled = load_pipelines(model, dtype, device)
     pipe = plain if control is None else controlled
     store: dict[str, torch.Tensor] = {}
     texts: list[torch.Tensor] = []
@@ -140,7 +153,7 @@ def main(request_file: Path, out: Path) -> None:
         *args,
         req["subject"],
         req["target"],
-        latents=noise.clone(),
+        latents=noise.to(device, dtype),
         guidance_scale=req["guidance"],
         height=height,
         width=width,
@@ -152,19 +165,20 @@ def main(request_file: Path, out: Path) -> None:
     )
     for h in hooks:
         h.remove()
+    as_numpy = lambda x: x.float().cpu().numpy()
     arrays = {
-        "image": result.images[0].permute(1, 2, 0).numpy(),
+        "image": as_numpy(result.images[0].permute(1, 2, 0)),
         "noise": noise.numpy(),
-        "cond": texts[0].numpy(),
-        "uncond": texts[1].numpy(),
-        "eps0": store["eps0"].numpy(),
-        "timesteps": pipe.scheduler.timesteps.numpy(),
-        "latents_final": store["latents_final"].numpy(),
+        "cond": as_numpy(texts[0]),
+        "uncond": as_numpy(texts[1]),
+        "eps0": as_numpy(store["eps0"]),
+        "timesteps": pipe.scheduler.timesteps.cpu().numpy(),
+        "latents_final": as_numpy(store["latents_final"]),
     }
     if control is not None:
         down, mid = store["control0"]
-        arrays.update({f"control0_down{i}": d.numpy() for i, d in enumerate(down)})
-        arrays["control0_mid"] = mid.numpy()
+        arrays.update({f"control0_down{i}": as_numpy(d) for i, d in enumerate(down)})
+        arrays["control0_mid"] = as_numpy(mid)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
 

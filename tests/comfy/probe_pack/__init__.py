@@ -167,7 +167,90 @@ class ProbeEmptyLatent:
         return ({"samples": torch.zeros(0, 4, 8, 8)},)
 
 
+class _GivenNoise:
+    """A NOISE whose samples are a given tensor (SamplerCustomAdvanced calls generate_noise)."""
+
+    def __init__(self, noise):
+        self.seed, self.noise = 0, noise
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        if tuple(samples.shape) != tuple(self.noise.shape):
+            raise ValueError(f"ProbeFileNoise: noise {tuple(self.noise.shape)} for a latent {tuple(samples.shape)}")
+        return self.noise.clone()
+
+
+class ProbeFileNoise:
+    """A NOISE read from input/<file> (its tensor "noise"): a test's given start, for SamplerCustomAdvanced."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("NOISE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"file": ("STRING", {"default": "noise.safetensors"})}}
+
+    def make(self, file):
+        from safetensors.torch import load_file
+
+        return (_GivenNoise(load_file(os.path.join(folder_paths.get_input_directory(), file))["noise"]),)
+
+
+class ProbeEditMaps:
+    """Patches a BLIP-Diffusion Prompt-to-Prompt MODEL to save LocalBlend's normalised map after every model call
+    (`maps` [calls, h, w]): what the pack's EditRun (transformer option "blipd_edit_run") thresholds."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "edit_maps"})}}
+
+    def patch(self, model, name):
+        import comfy.patcher_extension
+
+        model = model.clone()
+        maps = []
+
+        def predict_noise(executor, x, timestep, model_options, seed):
+            out = executor(x, timestep, model_options, seed)
+            run = model_options["transformer_options"]["blipd_edit_run"]
+            if run.call == 0:
+                maps.clear()
+            maps.append(run.blend_map())
+            _save(name, {"maps": torch.stack(maps)})
+            return out
+
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "probe", predict_noise)
+        return (model,)
+
+
+class ProbeStackConditioning:
+    """Two single-entry CONDITIONINGs of one row each as one CONDITIONING of two batch rows (row i for latent i),
+    which no stock node makes: a plain generation of two prompts in one batch."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "stack"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"first": ("CONDITIONING",), "second": ("CONDITIONING",)}}
+
+    def stack(self, first, second):
+        (a, a_extra), (b, b_extra) = first[0], second[0]
+        return (
+            [[torch.cat([a, b]), {"pooled_output": torch.cat([a_extra["pooled_output"], b_extra["pooled_output"]])}]],
+        )
+
+
 NODE_CLASS_MAPPINGS = {
+    "ProbeStackConditioning": ProbeStackConditioning,
+    "ProbeFileNoise": ProbeFileNoise,
+    "ProbeEditMaps": ProbeEditMaps,
     "ProbeSaveTensors": ProbeSaveTensors,
     "ProbeControlResiduals": ProbeControlResiduals,
     "ProbeSaveControlNet": ProbeSaveControlNet,
