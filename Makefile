@@ -11,7 +11,7 @@ COMFYUI_DIR = $(shell $(PY) -c "from blip_diffusion_nodes.tools.comfy_server imp
 SETUP_INPUTS := tools/setup_env.sh tools/constraints.txt tools/torch-pin.txt requirements.txt requirements-test.txt pyproject.toml
 REF_INPUTS := tools/reference/setup_env.sh tools/reference/constraints.txt tools/torch-pin.txt pyproject.toml
 
-.PHONY: setup demo lint test fixtures workflows ui-deps bench gpu-check
+.PHONY: setup demo batch-demo lint test fixtures workflows ui-deps bench bench-batch gpu-check
 
 setup: $(VENV)/.ready
 
@@ -41,6 +41,10 @@ tests/ui/node_modules/.ready: tests/ui/package.json tests/ui/package-lock.json
 demo: $(VENV)/.ready
 	$(PY) tools/demo.py
 
+# The batch runner (batch/run.py) on the demo's tiny model: batch/examples/subjects.csv, 8 jobs on 2 local CPU workers.
+batch-demo: $(VENV)/.ready
+	$(PY) tools/demo.py --batch --size 128 --steps 4
+
 # ruff (lint, format, security rules, banned imports), the pack's own static safety checks, and the registry's
 # validation (comfy node validate), which must pass without a warning.
 lint: $(LINTVENV)/.ready $(VENV)/.ready
@@ -51,11 +55,11 @@ lint: $(LINTVENV)/.ready $(VENV)/.ready
 		status=$$?; cat $(LINTVENV)/validate.log; [ $$status -eq 0 ] && ! grep -qi "warning" $(LINTVENV)/validate.log
 
 # The test pyramid: core (fast), node helpers in-process with ComfyUI's modules, then a real ComfyUI server
-# (parity with the reference included) and a real browser.
+# (parity with the reference included), the batch runner on real Ray with real ComfyUI workers, and a real browser.
 test: lint $(VENV)/.ready $(REFVENV)/.ready ui-deps
 	$(PYTEST) tests/unit tests/parity
 	PYTHONPATH=$(COMFYUI_DIR) $(PYTEST) tests/nodes
-	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PYTEST) tests/comfy tests/ui $(PYTEST_ARGS)
+	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PYTEST) tests/comfy tests/batch tests/ui $(PYTEST_ARGS)
 
 # Re-run the real reference for the committed core fixtures (tests/fixtures/core_parity.npz).
 fixtures: $(VENV)/.ready $(REFVENV)/.ready
@@ -69,6 +73,10 @@ workflows: $(VENV)/.ready
 # The pack against the real reference on full-size random weights (CPU here; --device cuda on a GPU).
 bench: $(VENV)/.ready $(REFVENV)/.ready
 	REFERENCE_PYTHON=$(abspath $(REFVENV))/bin/python $(PY) bench/run.py $(BENCH_ARGS)
+
+# The batch runner with 1 and 2 workers against a client posting the same jobs to one server (tiny model, CPU).
+bench-batch: $(VENV)/.ready
+	$(PY) bench/batch.py $(BENCH_BATCH_ARGS)
 
 # The GPU numbers in one call on a fresh CUDA machine: parity with the reference, the bench at 512x512 / 25 steps /
 # fp16 with peak GPU memory, and a ControlNet image, as one markdown table (.cache/gpu_check/gpu_check.md).

@@ -1,5 +1,5 @@
 """The reliability matrix (docs/reliability.md): the registry of the rows tests cover, and the helpers its
-tests share. Any tests/comfy module registers its rows with covers() or rows();
+tests share. Any tests/comfy or tests/batch module registers its rows with covers() or rows();
 test_reliability.py checks that the doc lists exactly the registered rows and the static checks."""
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ def failed(comfy, prompt: dict, node_type: str, *expected: str) -> str:
 
 
 def all_covered_rows() -> set[str]:
-    """The rows every tests/comfy module registers (importing each registers its rows, whatever was collected)."""
-    for path in sorted(Path(__file__).parent.glob("test_*.py")):
-        importlib.import_module(f"blip_diffusion_nodes.tests.comfy.{path.stem}")
+    """The rows every tests/comfy and tests/batch module registers (importing each registers its rows, whatever
+    was collected)."""
+    for folder in ("comfy", "batch"):
+        for path in sorted((Path(__file__).parents[1] / folder).glob("test_*.py")):
+            importlib.import_module(f"blip_diffusion_nodes.tests.{folder}.{path.stem}")
     return set(COVERED)
 
 
