@@ -271,6 +271,7 @@ def edit(
         denoise=1.0,
     )
     g.add("SaveImage", "10", images=g.add("VAEDecode", "9", samples=samples, vae=[loader, 2]), filename_prefix=prefix)
+    return g
 
 
 def finetune(
