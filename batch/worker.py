@@ -128,8 +128,10 @@ class ComfyWorker:
                 self.broken = f"ComfyUI on {socket.gethostname()} did not start: {e}"
                 raise WorkerBroken(self.broken) from None
 
-    # Retried by Ray while the actor is being restarted: the driver calls it again after a worker process died.
-    @ray.method(max_task_retries=3)
+    # The driver calls it again after a worker process died. Ray retries it for as long as the actor is being
+    # restarted (max_restarts bounds that; a gone actor fails the call): a fixed count ran out on a busy machine,
+    # where a restart takes longer, and left a healthy worker marked dead.
+    @ray.method(max_task_retries=-1)
     def start(self, class_types: list[str]) -> dict:
         """Start the server (if it is not running); the node types of `class_types` it lacks are listed under
         "missing"."""
