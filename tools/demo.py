@@ -59,7 +59,9 @@ def main() -> Path:
         start = time.monotonic()
         entry = comfy.run_ok(prompt, timeout=3600)
         seconds = time.monotonic() - start
-        image = next(info for node in entry["outputs"].values() for info in node.get("images", []))
+        # the SaveImage's picture, not the Subject Encoder's preview of what it encoded (also an image output)
+        saved = [node for node in entry["outputs"] if prompt[node]["class_type"] == "SaveImage"]
+        image = next(info for node in saved for info in entry["outputs"][node].get("images", []))
         out = ROOT / "output" / Path(image["filename"]).name
         out.parent.mkdir(exist_ok=True)
         out.write_bytes(comfy.view(image))
