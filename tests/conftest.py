@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TINY = "blipdiffusion"  # models/blip_diffusion/blipdiffusion (with controlnet/), as the workflows name it
 ANNOTATOR = "Annotators"  # models/annotators/Annotators/ControlNetHED.pth, as the workflows name it
 SCRIBBLE = "sd-controlnet-scribble"  # models/controlnet/<this>/ (diffusers layout), as the workflows name it
+
+
+# The server layers write about 8 GB at their peak (a full-size model folder, fine-tune files, outputs).
+DISK_NEEDED_GB = 10
+
+
+def pytest_report_header(config) -> list[str]:
+    """The free disk where the tests write: a full disk fails every test that saves a file, far from the cause."""
+    where = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(where).free / 1e9
+    note = "" if free >= DISK_NEEDED_GB else f"; under the {DISK_NEEDED_GB} GB the server tests need at their peak"
+    return [f"disk: {free:.0f} GB free in {where}{note}"]
 
 
 class ReferenceFixture:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -206,15 +207,17 @@ def finetuned_folder(comfy_base) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lavis_file(comfy, tiny_model, finetuned_folder) -> str:
+def lavis_file(comfy, tiny_model, finetuned_folder) -> Iterator[str]:
     """checkpoint_39.pth: the tiny UNet moved as a fine-tune moves it (about 1e-3 per weight) and a subject."""
     base = load_file(
         str(comfy.base / "models" / "blip_diffusion" / tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
     )
     g = torch.Generator().manual_seed(3)
     unet = {k: v.float() + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    lavis_checkpoint(finetuned_folder / "checkpoint_39.pth", unet, 0.5 * torch.randn(1, 16, 768, generator=g))
-    return "checkpoint_39.pth"
+    path = finetuned_folder / "checkpoint_39.pth"
+    lavis_checkpoint(path, unet, 0.5 * torch.randn(1, 16, 768, generator=g))
+    yield path.name
+    path.unlink()  # 0.9 GB (the optimizer state): CI shares its disk with everything else on the machine
 
 
 def lavis_graph(tiny_model: str, checkpoint: str, name: str) -> Graph:
