@@ -202,9 +202,18 @@ def saved_activations_copied() -> Iterator[None]:
 
 
 def usable_in_autograd(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's parameters as tensors autograd may save: those made under torch.inference_mode (ComfyUI
-    loads models that way) are copied once, the others used as they are."""
-    return {n: p.detach().clone() if p.is_inference() else p.detach() for n, p in module.named_parameters()}
+    """The module's parameters as tensors autograd may save for the backward pass. ComfyUI loads models under
+    torch.inference_mode, whose tensors autograd refuses to save; an ordinary tensor on the same memory stands in
+    for each (no copy: the frozen weights are only read while a run holds them)."""
+    return {n: same_memory(p) for n, p in module.named_parameters()}
+
+
+def same_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached, as an ordinary tensor even if it is an inference tensor, sharing its memory."""
+    if not tensor.is_inference():
+        return tensor.detach()
+    view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 class LoRA:
@@ -355,10 +364,9 @@ class SubjectFinetune:
         return self.subject.detach().float().cpu()
 
 
-def state_bytes(parameters: Iterable[torch.Tensor], mode: str, rank: int, frozen_copies: bool) -> int:
+def state_bytes(parameters: Iterable[torch.Tensor], mode: str, rank: int) -> int:
     """Memory the run keeps besides the host's own weights and the activations: fp32 trained tensors, their
-    gradients and AdamW's two moments (16 bytes a value), plus copies of frozen weights made under inference
-    mode (`frozen_copies`)."""
+    gradients and AdamW's two moments (16 bytes a value)."""
     parameters = list(parameters)
     if mode == "unet+subject":
         return 16 * sum(p.numel() for p in parameters)
@@ -368,8 +376,7 @@ def state_bytes(parameters: Iterable[torch.Tensor], mode: str, rank: int, frozen
             if p.ndim >= 2:
                 r = min(rank, p.shape[0], p[0].numel())
                 lora += r * (p.shape[0] + p[0].numel())
-    frozen = sum(p.numel() * p.element_size() for p in parameters) if frozen_copies else 0
-    return 16 * lora + frozen
+    return 16 * lora
 
 
 # --- the result as a weights file ComfyUI's stock LoRA loader applies ------------------------------------------

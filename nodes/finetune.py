@@ -277,8 +277,7 @@ def train_subject(model, clip, posterior: Posterior, start: torch.Tensor, word: 
     error leaves the input MODEL as it was: the run only ever replaced its tensors while a step ran."""
     unet = compat.unet_module(model)
     latent = (settings.batch_size, 4, size // 8, size // 8)
-    frozen_copies = any(p.is_inference() for p in unet.parameters())
-    need = state_bytes(unet.parameters(), settings.mode, settings.rank, frozen_copies)
+    need = state_bytes(unet.parameters(), settings.mode, settings.rank)
     need += ACTIVATION_FACTOR * compat.training_memory(model, latent)
     trainer, failure = None, None
     try:

@@ -32,6 +32,7 @@ from blip_diffusion_nodes.blip_core.finetune import (
     parameters_replaced,
     saved_activations_copied,
     state_bytes,
+    usable_in_autograd,
 )
 from blip_diffusion_nodes.blip_core.lavis_checkpoint import read_lavis_checkpoint
 from blip_diffusion_nodes.blip_core.loss_curve import as_comfy_image, loss_curve_image
@@ -113,6 +114,19 @@ def test_replaced_parameters_carry_gradients_and_are_put_back():
     with pytest.raises(RuntimeError), parameters_replaced(layer, {"weight": trained}):
         raise RuntimeError("cancelled")
     assert layer.weight is original
+
+
+def test_frozen_weights_of_inference_mode_are_used_without_a_copy():
+    """Light modes must not double the UNet in memory: the stand-ins share the inference tensors' memory."""
+    with torch.inference_mode():
+        layer = nn.Linear(3, 2)
+    frozen = usable_in_autograd(layer)
+    assert not frozen["weight"].is_inference()
+    assert frozen["weight"].data_ptr() == layer.weight.data_ptr() and torch.equal(frozen["weight"], layer.weight)
+    x = torch.ones(1, 3, requires_grad=True)
+    with parameters_replaced(layer, frozen):
+        layer(x).sum().backward()  # autograd saves the weight: an inference tensor would be refused
+    assert torch.equal(x.grad, layer.weight.sum(0, keepdim=True))
 
 
 class InPlaceResidual(nn.Module):
@@ -263,9 +277,9 @@ def test_settings_are_checked():
 
 def test_state_bytes_per_mode():
     params = [torch.zeros(10, 20), torch.zeros(10)]
-    assert state_bytes(params, "unet+subject", 4, frozen_copies=False) == 16 * 210
-    assert state_bytes(params, "lora+subject", 4, frozen_copies=True) == 16 * 4 * 30 + 4 * 210
-    assert state_bytes(params, "subject", 4, frozen_copies=False) == 0
+    assert state_bytes(params, "unet+subject", 4) == 16 * 210
+    assert state_bytes(params, "lora+subject", 4) == 16 * 4 * 30
+    assert state_bytes(params, "subject", 4) == 0
 
 
 # --- LAVIS checkpoints ---------------------------------------------------------------------------------------
