@@ -5,6 +5,7 @@ Reads one JSON command per line on stdin, answers one JSON line on stdout:
     {"op": "encode", "batch": 4}                                    -> {"seconds", "cpu"}
     {"op": "conditioning", "prompt": "..."}                         -> {"seconds", "cpu"}
     {"op": "generate", "size": 256, "steps": 10, "controlnet": false, "seed": 0} -> {"seconds", "cpu"}
+    {"op": "finetune", "size": 256, "steps": 3, "batch": 3, "mode": "unet+subject"} -> {"seconds", "cpu", "peak"}
     {"op": "peak_rss"}                                              -> {"bytes"}
     {"op": "peak_vram"}                                             -> {"bytes"} (0 on the CPU)
 Each timed call is what BlipDiffusionPipeline does for that stage, on the same inputs as the pack.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip_diffusion_nodes.tools.reference.run_finetune import LavisLoop, crop
 from blip_diffusion_nodes.tools.reference.run_pipeline import DDIM_CONFIG, load_pipelines
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,6 +51,11 @@ def peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak_rss() -> None:
+    """Starts VmHWM again from the current resident memory (Linux: clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def sync(device: torch.device) -> None:
@@ -149,6 +156,48 @@ class Reference:
                 z = scheduler.step(pipe.unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
 
         return self._timed(run)
+
+    def finetune(self, size: int, steps: int, batch: int, mode: str) -> dict:
+        """A whole fine-tuning run of LAVIS's loop on diffusers' parts (tools/reference/run_finetune.py), as the
+        pack's node runs one: the photos cropped, the subject's start from its zero-shot embedding, then `steps`
+        steps; `mode` unet+subject (the original) or subject. The peak is this process's resident memory during
+        the run. The UNet is trained in place: later calls start from its changed (random) weights."""
+        from diffusers import DDPMScheduler
+
+        if mode not in ("unet+subject", "subject"):
+            raise ValueError(f"the reference loop has no {mode!r} mode")
+        pipe, photos = self.plain, [Image.fromarray(a) for a in bench_images(3)]
+        if not hasattr(self, "photo_subject"):  # the pack's zero-shot subject is cached after the warm-up too
+            pixels = pipe.image_processor.preprocess(
+                photos, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt"
+            )["pixel_values"].to(self.device, pipe.qformer.dtype)
+            with torch.no_grad():
+                self.photo_subject = pipe.get_query_embeddings(pixels, ["dog"] * len(photos))
+        reset_peak_rss()
+
+        def run():
+            with torch.enable_grad():
+                loop = LavisLoop(
+                    pipe.unet,
+                    pipe.vae,
+                    pipe.text_encoder,
+                    pipe.tokenizer,
+                    DDPMScheduler.from_config(pipe.scheduler.config),  # the release's betas, as LAVIS
+                    torch.stack([crop(p, size) for p in photos]).to(self.device),
+                    self.photo_subject,
+                    "dog",
+                    learning_rate=5e-6,
+                    batch_size=batch,
+                    weight_decay=0.01,
+                    seed=0,
+                    train_unet=mode == "unet+subject",
+                )
+                for _ in range(steps):
+                    loop.step()
+            pipe.unet.requires_grad_(False).eval()
+
+        result = self._timed(run)
+        return result | {"peak": peak_rss()}
 
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}

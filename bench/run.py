@@ -15,6 +15,13 @@ nodes, so ComfyUI's cache never skips the work.
 
 CPU defaults: 256x256, 10 steps, fp32. --device cuda: 512x512, 25 steps, fp16, plus it/s.
 
+`finetune`: seconds per training step of BlipDiffusionFinetune against LAVIS's loop on diffusers' parts
+(tools/reference/run_finetune.py), the same weights, photos, batch (--batch, the original's 3) and size: each
+side's run of 1 + 2 steps minus its run of 1 step, halved, so setup (the photos' latents, copies of the weights)
+is left out. The peak resident memory of each mode's 1-step run (the server's and the worker's, reset before it):
+`unet+subject`, `lora+subject` (the pack only; the reference has no LoRA) and `subject`. A run that would leave the
+machine under 1 GB free is stopped and reported as not fitting. `--repeats 0` measures the peaks only.
+
 `edit` compares the pack with itself: a subject-driven edit (two rows, Prompt-to-Prompt with LocalBlend) against
 a plain generation of two images (batch 2) on the same weights, sampler, size and steps: the cost of the
 attention control. It needs no reference, so `--only edit` starts none. `--weights edit` measures on the
@@ -27,8 +34,10 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +74,36 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Starts the process's VmHWM again from its current resident memory (Linux: clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+class MemoryGuard:
+    """Kills `pid`'s process group if the machine's available memory falls under `floor` bytes while the block
+    runs (a measurement that does not fit must not take the machine down); `.fired` says whether it did."""
+
+    def __init__(self, pid: int, floor: int = 1 << 30):
+        self.pid, self.floor, self.fired = pid, floor, False
+        self.done = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self) -> None:
+        while not self.done.wait(0.05):
+            if psutil.virtual_memory().available < self.floor:
+                self.fired = True
+                os.killpg(self.pid, signal.SIGKILL)
+                return
+
+    def __enter__(self) -> MemoryGuard:
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.watcher.join()
+
+
 class ReferenceWorker:
     def __init__(self):
         python = os.environ.get("REFERENCE_PYTHON", str(ROOT / ".refvenv" / "bin" / "python"))
@@ -73,6 +112,7 @@ class ReferenceWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a MemoryGuard may kill its process group, not the bench's
         )
 
     def __call__(self, op: str, **kwargs) -> dict:
@@ -96,6 +136,8 @@ class Pack:
         self.server = psutil.Process(comfy.pid)
         self.variant = itertools.count()
         comfy.put_input("bench_subject.png", bench_images(1)[0])
+        for i, photo in enumerate(bench_images(3)):
+            comfy.put_input(f"bench_photo_{i}.png", photo)
         comfy.put_input("bench_control.png", control_image(size))
 
     def seconds(self, prompt: dict) -> tuple[float, float]:
@@ -226,6 +268,44 @@ class Pack:
         )
         return self.seconds(g)
 
+    def finetune(self, steps: int, mode: str, batch: int) -> tuple[float, float]:
+        """BlipDiffusionFinetune on the reference's three photos at the bench size; only the seed varies, so after
+        the warm-up only the fine-tune runs (the photos' zero-shot subject is cached)."""
+        g = Graph()
+        loader = g.add("BlipDiffusionLoader", "1", model_name=self.model, weight_dtype="auto")[0]
+        photos = [g.add("LoadImage", f"2{i}", image=f"bench_photo_{i}.png") for i in range(3)]
+        images = g.add(
+            "ImageBatch", "31", image1=g.add("ImageBatch", "30", image1=photos[0], image2=photos[1]), image2=photos[2]
+        )
+        subject = g.add(
+            "BlipDiffusionSubjectEncoder",
+            "4",
+            subject_encoder=[loader, 3],
+            image=images,
+            subject="dog",
+            preprocess="crop",
+        )
+        trained = g.add(
+            "BlipDiffusionFinetune",
+            "5",
+            model=[loader, 0],
+            clip=[loader, 1],
+            vae=[loader, 2],
+            subject=subject,
+            images=images,
+            category="dog",
+            steps=steps,
+            learning_rate=5e-6,
+            batch_size=batch,
+            weight_decay=0.01,
+            train=mode,
+            rank=8,
+            seed=next(self.variant),
+            resolution=self.size,
+        )
+        g.add("PreviewImage", "6", images=[trained[0], 2])  # the loss curve
+        return self.seconds(g)
+
     def edit(self, sampler: str, patched: bool) -> tuple[float, float]:
         """An edit of two rows (Edit Prompt + Prompt-to-Prompt, LocalBlend on, from a latent of batch 1) or, not
         `patched`, a plain generation of two images (the Loader's MODEL, the Multimodal Prompt, a latent of
@@ -302,7 +382,57 @@ def row(name: str, pack: list, ref: list) -> str:
     )
 
 
-MEASUREMENTS = ("encode", "conditioning", "generate", "controlnet", "invert", "fp32", "edit")
+MEASUREMENTS = ("encode", "conditioning", "generate", "controlnet", "invert", "fp32", "edit", "finetune")
+FINETUNE_MODES = ("subject", "lora+subject", "unet+subject")  # by the memory they need: one that does not fit is last
+GB = 1e9
+
+
+def finetune_rows(pack: Pack, ref: ReferenceWorker, server: int, batch: int, repeats: int) -> list[str]:
+    """Per mode: the peak resident memory of a 1-step run on each side, then `repeats` paired measurements of a
+    step's time: (a run of 3 steps - a run of 1) / 2, wall and CPU time. Stops at the first run that does not fit."""
+    rows = []
+    for mode in FINETUNE_MODES:
+        runs = {"pack": (server, lambda n, mode=mode: pack.finetune(n, mode, batch))}
+        if mode != "lora+subject":  # the reference loop has no LoRA
+            runs["reference"] = (
+                ref.proc.pid,
+                lambda n, mode=mode: reference(ref("finetune", size=pack.size, steps=n, batch=batch, mode=mode)),
+            )
+        peaks = {}
+        for side, (pid, run) in runs.items():
+            reset_peak_rss(pid)
+            with MemoryGuard(pid) as guard:
+                try:
+                    run(1)
+                except Exception:
+                    if not guard.fired:
+                        raise
+            if guard.fired:
+                rows.append(f"| peak RSS, {mode} (GB) | {side}: did not fit (stopped at 1 GB left free) | | | |")
+                return rows
+            peaks[side] = peak_rss(pid) / GB
+        size = f"batch {batch}, {pack.size}x{pack.size}"
+        if "reference" in peaks:
+            ratio = peaks["pack"] / peaks["reference"]
+            rows.append(
+                f"| peak RSS, {mode}, {size} (GB) | {peaks['pack']:.2f} | {peaks['reference']:.2f} | {ratio:.2f} | - |"
+            )
+        else:
+            rows.append(f"| peak RSS, {mode}, {size} (GB) | {peaks['pack']:.2f} | - (no LoRA) | - | - |")
+        steps = {side: [] for side in runs}
+        for _ in range(repeats):
+            for side, (_, run) in runs.items():
+                one, three = run(1), run(3)
+                steps[side].append(((three[0] - one[0]) / 2, (three[1] - one[1]) / 2))
+        if not repeats:
+            continue
+        name = f"fine-tune step, {mode}, {size}"
+        if "reference" in steps:
+            rows.append(row(name, steps["pack"], steps["reference"]))
+        else:
+            wall = [t[0] for t in steps["pack"]]
+            rows.append(f"| {name} | {statistics.median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) | - | - | - |")
+    return rows
 
 
 def main() -> None:
@@ -317,10 +447,13 @@ def main() -> None:
         help=f"comma-separated measurements to run, of {', '.join(MEASUREMENTS)} (the model load, "
         "and peak memory, always when the reference runs)",
     )
+    parser.add_argument("--batch", type=int, default=3, help="finetune: photos per training step (the original's 3)")
     parser.add_argument("--weights", default="full", choices=list(WEIGHTS), help="full-size weights or the edit model")
     parser.add_argument("--server-args", default="", help="extra ComfyUI flags, e.g. --use-pytorch-cross-attention")
     args = parser.parse_args()
     only = set(args.only.split(","))
+    if args.repeats < 1 and only != {"finetune"}:
+        parser.error("--repeats 0 (peaks only) is for --only finetune")
     if only - set(MEASUREMENTS):
         parser.error(f"--only: unknown measurements {sorted(only - set(MEASUREMENTS))}; choose from {MEASUREMENTS}")
     gpu = args.device == "cuda"
@@ -401,6 +534,9 @@ def main() -> None:
                 measured(
                     "subject encoding, batch 1, pack forced to fp32", lambda: pack.encode(1, "fp32"), "encode", batch=1
                 )
+            # Last: it trains the reference's UNet in place, and a mode that does not fit stops a side.
+            if "finetune" in only:
+                rows += finetune_rows(pack, ref, comfy.pid, args.batch, args.repeats)
     finally:
         if ref is not None:
             ref.close()

@@ -4,6 +4,8 @@ Runs in the reference venv only (diffusers 0.39.0 + transformers 4.53.3):
 
     .refvenv/bin/python tools/reference/run_finetune.py REQUEST.json OUT.npz
 
+`LavisLoop` is also what `make bench` times the pack's fine-tuning against (bench/reference_worker.py).
+
 REQUEST.json: {"model": dir, "images": [image files, in the order the pack sees them], "category": "cat",
                "subject": .npy [views, 16, 768] (the zero-shot subject; training starts from the mean of its views),
                "steps": 3, "learning_rate": 5e-6, "batch_size": 3, "weight_decay": 0.01, "seed": 0,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +44,9 @@ from safetensors import safe_open
 SCALE = 0.18215
 
 
-def crop(path: str, size: int) -> torch.Tensor:
+def crop(image: Image.Image, size: int) -> torch.Tensor:
     """torchvision's Resize(size, bicubic) + CenterCrop(size) + ToTensor + Normalize(0.5, 0.5) on a PIL image."""
-    image = Image.open(path).convert("RGB")
+    image = image.convert("RGB")
     w, h = image.size
     if w <= h:
         image = image.resize((size, int(size * h / w)), Image.BICUBIC)
@@ -58,6 +61,68 @@ def crop(path: str, size: int) -> torch.Tensor:
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """LAVIS BaseModel.get_optimizer_params."""
     return param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+
+
+class LavisLoop:
+    """LAVIS's fine-tuning loop on diffusers' parts (module docstring). `train_unet` False trains the subject
+    alone (the pack's `subject` mode); the UNet is trained in place."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        pixels: torch.Tensor,
+        subject: torch.Tensor,
+        category: str,
+        learning_rate: float,
+        batch_size: int,
+        weight_decay: float,
+        seed: int,
+        train_unet: bool = True,
+    ):
+        self.unet, self.vae, self.text_encoder, self.scheduler = unet, vae, text_encoder, scheduler
+        self.pixels, self.batch = pixels, batch_size
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        unet.requires_grad_(train_unet)
+        self.ctx = torch.nn.Parameter(subject.float().mean(dim=0, keepdim=True))
+        self.named = [("ctx_embeddings_cache", self.ctx)]
+        if train_unet:
+            self.named += [(f"unet.{n}", p) for n, p in unet.named_parameters()]
+        groups = [
+            {"params": [p for n, p in self.named if not no_decay(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in self.named if no_decay(n, p)], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.ids = tokenizer(
+            [f"a {category}"] * batch_size, padding="do_not_pad", truncation=True, max_length=77, return_tensors="pt"
+        ).input_ids
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        unet.train()
+
+    def step(self, inspect: Callable[[dict[str, torch.Tensor]], None] | None = None) -> float:
+        """One optimizer step; `inspect(draws)` sees the gradients before the update."""
+        g, batch = self.generator, self.batch
+        photos = torch.randint(len(self.pixels), (batch,), generator=g)
+        with torch.no_grad():
+            latents = self.vae.encode(self.pixels[photos]).latent_dist.sample(generator=g) * SCALE
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=g)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        hidden = self.text_encoder(
+            input_ids=self.ids, ctx_embeddings=self.ctx.expand(batch, -1, -1), ctx_begin_pos=[2] * batch
+        )[0]
+        predicted = self.unet(noisy.float(), timesteps, hidden).sample
+        loss = F.mse_loss(predicted.float(), noise.float(), reduction="mean")
+        loss.backward()
+        if inspect is not None:
+            inspect({"photos": photos, "timesteps": timesteps, "noise": noise})
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.item()
 
 
 def statistics(named: list[tuple[str, torch.Tensor]], ours_file: Path, prefix: str) -> np.ndarray:
@@ -83,55 +148,38 @@ def main(request_file: Path, out: Path) -> None:
 
     req = json.loads(request_file.read_text())
     model = Path(req["model"])
-    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32).requires_grad_(False)
-    text_encoder = ContextCLIPTextModel.from_pretrained(model / "text_encoder", torch_dtype=torch.float32)
-    text_encoder.requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(model / "scheduler"))
-
-    pixels = torch.stack([crop(p, req["resolution"]) for p in req["images"]])
-    ctx = torch.nn.Parameter(torch.from_numpy(np.load(req["subject"])).float().mean(dim=0, keepdim=True))
-    named = [("ctx_embeddings_cache", ctx)] + [(f"unet.{n}", p) for n, p in unet.named_parameters()]
-    groups = [
-        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": req["weight_decay"]},
-        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=req["learning_rate"], betas=(0.9, 0.999), eps=1e-8)
-    caption = f"a {req['category']}"
-    batch = req["batch_size"]
-    ids = tokenizer([caption] * batch, padding="do_not_pad", truncation=True, max_length=77, return_tensors="pt")
-    g = torch.Generator("cpu").manual_seed(req["seed"])
-
+    loop = LavisLoop(
+        unet=UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32),
+        text_encoder=ContextCLIPTextModel.from_pretrained(model / "text_encoder", torch_dtype=torch.float32),
+        tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer"),
+        scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(model / "scheduler")),
+        pixels=torch.stack([crop(Image.open(p), req["resolution"]) for p in req["images"]]),
+        subject=torch.from_numpy(np.load(req["subject"])),
+        category=req["category"],
+        learning_rate=req["learning_rate"],
+        batch_size=req["batch_size"],
+        weight_decay=req["weight_decay"],
+        seed=req["seed"],
+    )
     ours = Path(req["ours"])
-    arrays, losses = {"names": np.array([n for n, _ in named])}, []
-    unet.train()
+    arrays, losses = {"names": np.array([n for n, _ in loop.named])}, []
     for k in range(1, req["steps"] + 1):
-        photos = torch.randint(len(pixels), (batch,), generator=g)
-        with torch.no_grad():
-            latents = vae.encode(pixels[photos]).latent_dist.sample(generator=g) * SCALE
-        noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=g)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(
-            input_ids=ids.input_ids, ctx_embeddings=ctx.expand(batch, -1, -1), ctx_begin_pos=[2] * batch
-        )[0]
-        predicted = unet(noisy.float(), timesteps, hidden).sample
-        loss = F.mse_loss(predicted.float(), noise.float(), reduction="mean")
-        loss.backward()
-        losses.append(loss.item())
-        for name, value in (("photos", photos), ("timesteps", timesteps), ("noise", noise)):
-            arrays[f"draws{k}_{name}"] = value.numpy()
-        arrays[f"grad{k}"] = statistics([(n, p.grad) for n, p in named], ours / f"step{k}.safetensors", "grad.")
-        optimizer.step()
-        optimizer.zero_grad()
-    arrays["final"] = statistics(named, ours / "final.safetensors", "")
+
+        def inspect(draws: dict[str, torch.Tensor], k: int = k) -> None:
+            for name, value in draws.items():
+                arrays[f"draws{k}_{name}"] = value.numpy()
+            grads = [(n, p.grad) for n, p in loop.named]
+            arrays[f"grad{k}"] = statistics(grads, ours / f"step{k}.safetensors", "grad.")
+
+        losses.append(loop.step(inspect))
+    arrays["final"] = statistics(loop.named, ours / "final.safetensors", "")
     arrays["loss"] = np.array(losses)
     probe = req.get("probe")
     if probe:
         with torch.no_grad():
             z, t, context = (torch.from_numpy(np.load(probe[k])) for k in ("z", "t", "context"))
-            arrays["eps"] = unet(z, t.long(), context.expand(len(t), -1, -1)).sample.numpy()
+            arrays["eps"] = loop.unet(z, t.long(), context.expand(len(t), -1, -1)).sample.numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
 
