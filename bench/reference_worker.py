@@ -1,7 +1,7 @@
 """The diffusers reference, timed on request: runs in the reference venv (see bench/run.py).
 
 Reads one JSON command per line on stdin, answers one JSON line on stdout:
-    {"op": "load", "model": DIR, "device": "cpu", "dtype": "fp32"}  -> {"seconds"}
+    {"op": "load", "model": DIR, "device": "cpu", "dtype": "fp32", "controlnet": true} -> {"seconds"}
     {"op": "encode", "batch": 4}                                    -> {"seconds", "cpu"}
     {"op": "conditioning", "prompt": "..."}                         -> {"seconds", "cpu"}
     {"op": "generate", "size": 256, "steps": 10, "controlnet": false, "seed": 0} -> {"seconds", "cpu"}
@@ -64,10 +64,10 @@ def sync(device: torch.device) -> None:
 
 
 class Reference:
-    def load(self, model: str, device: str = "cpu", dtype: str = "fp32") -> dict:
+    def load(self, model: str, device: str = "cpu", dtype: str = "fp32", controlnet: bool = True) -> dict:
         start = time.perf_counter()
         self.device = torch.device(device)
-        self.plain, self.controlled = load_pipelines(Path(model), DTYPES[dtype], device)
+        self.plain, self.controlled = load_pipelines(Path(model), DTYPES[dtype], device, controlnet)
         return {"seconds": time.perf_counter() - start}
 
     def _timed(self, fn) -> dict:

@@ -19,8 +19,10 @@ CPU defaults: 256x256, 10 steps, fp32. --device cuda: 512x512, 25 steps, fp16, p
 (tools/reference/run_finetune.py), the same weights, photos, batch (--batch, the original's 3) and size: each
 side's run of 1 + 2 steps minus its run of 1 step, halved, so setup (the photos' latents, copies of the weights)
 is left out. The peak resident memory of each mode's 1-step run (the server's and the worker's, reset before it):
-`unet+subject`, `lora+subject` (the pack only; the reference has no LoRA) and `subject`. A run that would leave the
-machine under 1 GB free is stopped and reported as not fitting. `--repeats 0` measures the peaks only.
+`subject`, `lora+subject` (the pack only; the reference has no LoRA) and `unet+subject`. The pack runs first, then
+the server drops its models and cached outputs and the reference runs, so each side has the memory to itself; a
+run that would leave the machine under 1 GB free is stopped and reported as not fitting. `--repeats 0` measures
+the peaks only.
 
 `edit` compares the pack with itself: a subject-driven edit (two rows, Prompt-to-Prompt with LocalBlend) against
 a plain generation of two images (batch 2) on the same weights, sampler, size and steps: the cost of the
@@ -306,6 +308,15 @@ class Pack:
         g.add("PreviewImage", "6", images=[trained[0], 2])  # the loss curve
         return self.seconds(g)
 
+    def free(self) -> None:
+        """Drops the server's loaded models and cached outputs: ComfyUI's /free, which its prompt worker carries
+        out after the next prompt (a trivial one here)."""
+        self.comfy.request("POST", "/free", {"unload_models": True, "free_memory": True})
+        g = Graph()
+        g.add("PreviewImage", "2", images=g.add("EmptyImage", "1", width=8, height=8, batch_size=1, color=0))
+        self.comfy.run_ok(g)
+        time.sleep(2)  # the worker reads the flags just after it writes the prompt's history entry
+
     def edit(self, sampler: str, patched: bool) -> tuple[float, float]:
         """An edit of two rows (Edit Prompt + Prompt-to-Prompt, LocalBlend on, from a latent of batch 1) or, not
         `patched`, a plain generation of two images (the Loader's MODEL, the Multimodal Prompt, a latent of
@@ -387,19 +398,23 @@ FINETUNE_MODES = ("subject", "lora+subject", "unet+subject")  # by the memory th
 GB = 1e9
 
 
-def finetune_rows(pack: Pack, ref: ReferenceWorker, server: int, batch: int, repeats: int) -> list[str]:
-    """Per mode: the peak resident memory of a 1-step run on each side, then `repeats` paired measurements of a
-    step's time: (a run of 3 steps - a run of 1) / 2, wall and CPU time. Stops at the first run that does not fit."""
-    rows = []
+def finetune_rows(pack: Pack, ref: ReferenceWorker, batch: int, repeats: int) -> list[str]:
+    """Per mode, the pack then the reference, each with the machine's memory to itself (the server's models and
+    cached outputs are dropped before the reference trains): the peak resident memory of a 1-step run, then
+    `repeats` measurements of a step's time, (a run of 3 steps - a run of 1) / 2, wall and CPU time. Stops after
+    the first run that does not fit (its process is gone)."""
+    rows, size = [], f"batch {batch}, {pack.size}x{pack.size}"
     for mode in FINETUNE_MODES:
-        runs = {"pack": (server, lambda n, mode=mode: pack.finetune(n, mode, batch))}
+        sides = {"pack": (pack.comfy.pid, lambda n, mode=mode: pack.finetune(n, mode, batch))}
         if mode != "lora+subject":  # the reference loop has no LoRA
-            runs["reference"] = (
+            sides["reference"] = (
                 ref.proc.pid,
                 lambda n, mode=mode: reference(ref("finetune", size=pack.size, steps=n, batch=batch, mode=mode)),
             )
-        peaks = {}
-        for side, (pid, run) in runs.items():
+        peaks, steps = {}, {}
+        for side, (pid, run) in sides.items():
+            if side == "reference":
+                pack.free()
             reset_peak_rss(pid)
             with MemoryGuard(pid) as guard:
                 try:
@@ -407,31 +422,27 @@ def finetune_rows(pack: Pack, ref: ReferenceWorker, server: int, batch: int, rep
                 except Exception:
                     if not guard.fired:
                         raise
+            peaks[side] = None if guard.fired else peak_rss(pid) / GB
             if guard.fired:
-                rows.append(f"| peak RSS, {mode} (GB) | {side}: did not fit (stopped at 1 GB left free) | | | |")
-                return rows
-            peaks[side] = peak_rss(pid) / GB
-        size = f"batch {batch}, {pack.size}x{pack.size}"
-        if "reference" in peaks:
-            ratio = peaks["pack"] / peaks["reference"]
-            rows.append(
-                f"| peak RSS, {mode}, {size} (GB) | {peaks['pack']:.2f} | {peaks['reference']:.2f} | {ratio:.2f} | - |"
-            )
-        else:
-            rows.append(f"| peak RSS, {mode}, {size} (GB) | {peaks['pack']:.2f} | - (no LoRA) | - | - |")
-        steps = {side: [] for side in runs}
-        for _ in range(repeats):
-            for side, (_, run) in runs.items():
+                break
+            steps[side] = []
+            for _ in range(repeats):
                 one, three = run(1), run(3)
                 steps[side].append(((three[0] - one[0]) / 2, (three[1] - one[1]) / 2))
-        if not repeats:
-            continue
+        shown = {k: "did not fit (stopped at 1 GB left free)" if v is None else f"{v:.2f}" for k, v in peaks.items()}
+        both = None not in peaks.values() and len(peaks) == 2
+        ratio = f"{peaks['pack'] / peaks['reference']:.2f}" if both else "-"
+        rows.append(
+            f"| peak RSS, {mode}, {size} (GB) | {shown['pack']} | {shown.get('reference', '-')} | {ratio} | - |"
+        )
         name = f"fine-tune step, {mode}, {size}"
-        if "reference" in steps:
+        if repeats and len(steps) == 2:
             rows.append(row(name, steps["pack"], steps["reference"]))
-        else:
+        elif repeats and steps:
             wall = [t[0] for t in steps["pack"]]
             rows.append(f"| {name} | {statistics.median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) | - | - | - |")
+        if None in peaks.values():
+            break
     return rows
 
 
@@ -470,7 +481,13 @@ def main() -> None:
             pack = Pack(comfy, size, steps, model.name)
             start = time.perf_counter()
             if ref is not None:
-                ref_load = ref("load", model=str(model), device=args.device, dtype="fp16" if gpu else "fp32")
+                ref_load = ref(
+                    "load",
+                    model=str(model),
+                    device=args.device,
+                    dtype="fp16" if gpu else "fp32",
+                    controlnet="controlnet" in only,  # as the pack's server, which loads one only for those rows
+                )
                 rows.append(
                     f"| model load (all components) | {pack.load()[0]:.2f} | {ref_load['seconds']:.2f} | - | - |"
                 )
@@ -523,7 +540,7 @@ def main() -> None:
                         args.repeats, lambda s=sampler: pack.edit(s, True), lambda s=sampler: pack.edit(s, False)
                     )
                     edit_rows.append(row(f"edit {size}x{size}, {steps} steps, {sampler}", *times))
-            if ref is not None:
+            if only - {"edit", "finetune"}:  # the finetune rows measure their own peaks
                 pack_rss, ref_rss = peak_rss(comfy.pid), ref("peak_rss")["bytes"]
                 rows.append(
                     f"| peak RSS (GB) | {pack_rss / 1e9:.2f} | {ref_rss / 1e9:.2f} | {pack_rss / ref_rss:.2f} | - |"
@@ -536,7 +553,7 @@ def main() -> None:
                 )
             # Last: it trains the reference's UNet in place, and a mode that does not fit stops a side.
             if "finetune" in only:
-                rows += finetune_rows(pack, ref, comfy.pid, args.batch, args.repeats)
+                rows += finetune_rows(pack, ref, args.batch, args.repeats)
     finally:
         if ref is not None:
             ref.close()

@@ -54,7 +54,7 @@ def crop(image: Image.Image, size: int) -> torch.Tensor:
         image = image.resize((int(size * w / h), size), Image.BICUBIC)
     left, top = int(round((image.size[0] - size) / 2.0)), int(round((image.size[1] - size) / 2.0))
     image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(255)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
     return (pixels - 0.5) / 0.5
 
 

@@ -44,8 +44,9 @@ DDIM_CONFIG = dict(
 )
 
 
-def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(BlipDiffusionPipeline, BlipDiffusionControlNetPipeline or None), sharing their components.
+def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", controlnet: bool = True):
+    """(BlipDiffusionPipeline, BlipDiffusionControlNetPipeline or None: none without `controlnet`), sharing their
+    components.
 
     from_pretrained of the pipelines fails for the released layout in diffusers >= 0.38, so
     each component is loaded from its subfolder and the pipelines are constructed directly.
@@ -82,9 +83,9 @@ def load_pipelines(model: Path, dtype: torch.dtype = torch.float32, device: str 
     extra = {"ctx_begin_pos": index["ctx_begin_pos"], "mean": index["mean"], "std": index["std"]}
     plain = BlipDiffusionPipeline(**parts, **extra).to(device)
     controlled = None
-    if (model / "controlnet" / "config.json").is_file():
-        controlnet = ControlNetModel.from_pretrained(model / "controlnet", **kw)
-        controlled = BlipDiffusionControlNetPipeline(controlnet=controlnet, **parts, **extra).to(device)
+    if controlnet and (model / "controlnet" / "config.json").is_file():
+        net = ControlNetModel.from_pretrained(model / "controlnet", **kw)
+        controlled = BlipDiffusionControlNetPipeline(controlnet=net, **parts, **extra).to(device)
     for pipe in (plain, controlled):
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
