@@ -19,10 +19,10 @@ CPU defaults: 256x256, 10 steps, fp32. --device cuda: 512x512, 25 steps, fp16, p
 (tools/reference/run_finetune.py), the same weights, photos, batch (--batch, the original's 3) and size: each
 side's run of 1 + 2 steps minus its run of 1 step, halved, so setup (the photos' latents, copies of the weights)
 is left out. The peak resident memory of each mode's 1-step run (the server's and the worker's, reset before it):
-`subject`, `lora+subject` (the pack only; the reference has no LoRA) and `unet+subject`. The pack runs first, then
-the server drops its models and cached outputs and the reference runs, so each side has the memory to itself; a
-run that would leave the machine under 1 GB free is stopped and reported as not fitting. `--repeats 0` measures
-the peaks only.
+`subject`, `lora+subject` (the pack only; the reference has no LoRA) and `unet+subject` (--train picks). The
+pack's runs come first; the reference's once the server has stopped, so neither side holds the other's memory (not
+alternating, unlike the other rows). A run that would leave the machine under 1 GB free is stopped and reported as
+not fitting. `--repeats 0` measures the peaks only.
 
 `edit` compares the pack with itself: a subject-driven edit (two rows, Prompt-to-Prompt with LocalBlend) against
 a plain generation of two images (batch 2) on the same weights, sampler, size and steps: the cost of the
@@ -308,15 +308,6 @@ class Pack:
         g.add("PreviewImage", "6", images=[trained[0], 2])  # the loss curve
         return self.seconds(g)
 
-    def free(self) -> None:
-        """Drops the server's loaded models and cached outputs: ComfyUI's /free, which its prompt worker carries
-        out after the next prompt (a trivial one here)."""
-        self.comfy.request("POST", "/free", {"unload_models": True, "free_memory": True})
-        g = Graph()
-        g.add("PreviewImage", "2", images=g.add("EmptyImage", "1", width=8, height=8, batch_size=1, color=0))
-        self.comfy.run_ok(g)
-        time.sleep(2)  # the worker reads the flags just after it writes the prompt's history entry
-
     def edit(self, sampler: str, patched: bool) -> tuple[float, float]:
         """An edit of two rows (Edit Prompt + Prompt-to-Prompt, LocalBlend on, from a latent of batch 1) or, not
         `patched`, a plain generation of two images (the Loader's MODEL, the Multimodal Prompt, a latent of
@@ -398,51 +389,50 @@ FINETUNE_MODES = ("subject", "lora+subject", "unet+subject")  # by the memory th
 GB = 1e9
 
 
-def finetune_rows(pack: Pack, ref: ReferenceWorker, batch: int, repeats: int) -> list[str]:
-    """Per mode, the pack then the reference, each with the machine's memory to itself (the server's models and
-    cached outputs are dropped before the reference trains): the peak resident memory of a 1-step run, then
-    `repeats` measurements of a step's time, (a run of 3 steps - a run of 1) / 2, wall and CPU time. Stops after
-    the first run that does not fit (its process is gone)."""
-    rows, size = [], f"batch {batch}, {pack.size}x{pack.size}"
-    for mode in FINETUNE_MODES:
-        sides = {"pack": (pack.comfy.pid, lambda n, mode=mode: pack.finetune(n, mode, batch))}
-        if mode != "lora+subject":  # the reference loop has no LoRA
-            sides["reference"] = (
-                ref.proc.pid,
-                lambda n, mode=mode: reference(ref("finetune", size=pack.size, steps=n, batch=batch, mode=mode)),
-            )
-        peaks, steps = {}, {}
-        for side, (pid, run) in sides.items():
-            if side == "reference":
-                pack.free()
-            reset_peak_rss(pid)
-            with MemoryGuard(pid) as guard:
-                try:
-                    run(1)
-                except Exception:
-                    if not guard.fired:
-                        raise
-            peaks[side] = None if guard.fired else peak_rss(pid) / GB
-            if guard.fired:
-                break
-            steps[side] = []
-            for _ in range(repeats):
-                one, three = run(1), run(3)
-                steps[side].append(((three[0] - one[0]) / 2, (three[1] - one[1]) / 2))
-        shown = {k: "did not fit (stopped at 1 GB left free)" if v is None else f"{v:.2f}" for k, v in peaks.items()}
-        both = None not in peaks.values() and len(peaks) == 2
-        ratio = f"{peaks['pack'] / peaks['reference']:.2f}" if both else "-"
-        rows.append(
-            f"| peak RSS, {mode}, {size} (GB) | {shown['pack']} | {shown.get('reference', '-')} | {ratio} | - |"
-        )
-        name = f"fine-tune step, {mode}, {size}"
-        if repeats and len(steps) == 2:
-            rows.append(row(name, steps["pack"], steps["reference"]))
-        elif repeats and steps:
-            wall = [t[0] for t in steps["pack"]]
-            rows.append(f"| {name} | {statistics.median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) | - | - | - |")
-        if None in peaks.values():
+Trained = dict[str, tuple[float | None, list[tuple[float, float]]]]  # mode -> (peak GB or None, [(wall, cpu)])
+
+
+def finetune_side(pid: int, run, modes: list[str], repeats: int) -> Trained:
+    """One side's fine-tuning, mode by mode: the peak resident memory of a 1-step run (`run(steps, mode)`), then
+    `repeats` measurements of a step, (a run of 3 steps - a run of 1) / 2. Stops at a run that does not fit (the
+    guard killed the process: it is gone)."""
+    results = {}
+    for mode in modes:
+        reset_peak_rss(pid)
+        with MemoryGuard(pid) as guard:
+            try:
+                run(1, mode)
+            except Exception:
+                if not guard.fired:
+                    raise
+        if guard.fired:
+            results[mode] = (None, [])
             break
+        peak, steps = peak_rss(pid) / GB, []
+        for _ in range(repeats):
+            one, three = run(1, mode), run(3, mode)
+            steps.append(((three[0] - one[0]) / 2, (three[1] - one[1]) / 2))
+        results[mode] = (peak, steps)
+    return results
+
+
+def finetune_rows(pack: Trained, ref: Trained, size: str) -> list[str]:
+    def shown(side: Trained, mode: str) -> str:
+        if mode not in side:
+            return "-"
+        return "did not fit (stopped at 1 GB left free)" if side[mode][0] is None else f"{side[mode][0]:.2f}"
+
+    rows = []
+    for mode in (m for m in FINETUNE_MODES if m in pack):
+        (pack_peak, pack_steps), (ref_peak, ref_steps) = pack[mode], ref.get(mode, (None, []))
+        ratio = f"{pack_peak / ref_peak:.2f}" if pack_peak and ref_peak else "-"
+        rows.append(f"| peak RSS, {mode}, {size} (GB) | {shown(pack, mode)} | {shown(ref, mode)} | {ratio} | - |")
+        name = f"fine-tune step, {mode}, {size}"
+        if pack_steps and ref_steps:
+            rows.append(row(name, pack_steps, ref_steps))
+        elif pack_steps:
+            wall = [t[0] for t in pack_steps]
+            rows.append(f"| {name} | {statistics.median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) | - | - | - |")
     return rows
 
 
@@ -459,12 +449,16 @@ def main() -> None:
         "and peak memory, always when the reference runs)",
     )
     parser.add_argument("--batch", type=int, default=3, help="finetune: photos per training step (the original's 3)")
+    parser.add_argument("--train", default=",".join(FINETUNE_MODES), help="finetune: the modes to measure")
     parser.add_argument("--weights", default="full", choices=list(WEIGHTS), help="full-size weights or the edit model")
     parser.add_argument("--server-args", default="", help="extra ComfyUI flags, e.g. --use-pytorch-cross-attention")
     args = parser.parse_args()
     only = set(args.only.split(","))
     if args.repeats < 1 and only != {"finetune"}:
         parser.error("--repeats 0 (peaks only) is for --only finetune")
+    modes = args.train.split(",")
+    if set(modes) - set(FINETUNE_MODES):
+        parser.error(f"--train: unknown modes {sorted(set(modes) - set(FINETUNE_MODES))}; choose from {FINETUNE_MODES}")
     if only - set(MEASUREMENTS):
         parser.error(f"--only: unknown measurements {sorted(only - set(MEASUREMENTS))}; choose from {MEASUREMENTS}")
     gpu = args.device == "cuda"
@@ -475,7 +469,7 @@ def main() -> None:
     if not link.exists():
         link.symlink_to(model, target_is_directory=True)
     ref = ReferenceWorker() if only - {"edit"} else None  # the edit rows compare the pack with itself
-    rows, edit_rows = [], []
+    rows, edit_rows, trained = [], [], {}
     try:
         with ComfyServer(base, args.server_args.split(), cpu=not gpu) as comfy:
             pack = Pack(comfy, size, steps, model.name)
@@ -551,9 +545,20 @@ def main() -> None:
                 measured(
                     "subject encoding, batch 1, pack forced to fp32", lambda: pack.encode(1, "fp32"), "encode", batch=1
                 )
-            # Last: it trains the reference's UNet in place, and a mode that does not fit stops a side.
-            if "finetune" in only:
-                rows += finetune_rows(pack, ref, args.batch, args.repeats)
+            if (
+                "finetune" in only
+            ):  # the reference's runs wait until this server is gone: neither holds the other's memory
+                trained["pack"] = finetune_side(
+                    comfy.pid, lambda n, mode: pack.finetune(n, mode, args.batch), modes, args.repeats
+                )
+        if "finetune" in only:  # last: it trains the reference's UNet in place
+            trained["reference"] = finetune_side(
+                ref.proc.pid,
+                lambda n, mode: reference(ref("finetune", size=size, steps=n, batch=args.batch, mode=mode)),
+                [m for m in modes if m != "lora+subject"],  # the reference loop has no LoRA
+                args.repeats,
+            )
+            rows += finetune_rows(trained["pack"], trained["reference"], f"batch {args.batch}, {size}x{size}")
     finally:
         if ref is not None:
             ref.close()
