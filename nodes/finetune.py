@@ -44,7 +44,8 @@ from .prompt import fused_tokens
 FILE_FORMAT = "blip_diffusion_finetune"
 FILE_VERSION = "1"
 # A training step keeps the UNet's activations for the backward pass: estimated at this many times what ComfyUI
-# reserves for one inference call on the same latents (an estimate: no bench row measures it yet).
+# reserves for one inference call on the same latents (an estimate; `bench/run.py --only finetune` measures the
+# peaks, README "Fine-tuning a subject").
 ACTIVATION_FACTOR = 4
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 PREVIEW = 512  # px: the loss curve shown on the node while it trains
