@@ -545,9 +545,8 @@ def main() -> None:
                 measured(
                     "subject encoding, batch 1, pack forced to fp32", lambda: pack.encode(1, "fp32"), "encode", batch=1
                 )
-            if (
-                "finetune" in only
-            ):  # the reference's runs wait until this server is gone: neither holds the other's memory
+            # The reference's fine-tuning runs wait until this server is gone: neither side holds the other's memory.
+            if "finetune" in only:
                 trained["pack"] = finetune_side(
                     comfy.pid, lambda n, mode: pack.finetune(n, mode, args.batch), modes, args.repeats
                 )
