@@ -5,7 +5,7 @@ Reads one JSON command per line on stdin, answers one JSON line on stdout:
     {"op": "encode", "batch": 4}                                    -> {"seconds", "cpu"}
     {"op": "conditioning", "prompt": "..."}                         -> {"seconds", "cpu"}
     {"op": "generate", "size": 256, "steps": 10, "controlnet": false, "seed": 0} -> {"seconds", "cpu"}
-    {"op": "finetune", "size": 256, "steps": 3, "batch": 3, "mode": "unet+subject"} -> {"seconds", "cpu", "peak"}
+    {"op": "finetune", "size": 256, "steps": 3, "batch": 3, "mode": "unet+subject"} -> {"seconds", "cpu"}
     {"op": "peak_rss"}                                              -> {"bytes"}
     {"op": "peak_vram"}                                             -> {"bytes"} (0 on the CPU)
 Each timed call is what BlipDiffusionPipeline does for that stage, on the same inputs as the pack.
@@ -51,11 +51,6 @@ def peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def reset_peak_rss() -> None:
-    """Starts VmHWM again from the current resident memory (Linux: clear_refs 5)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def sync(device: torch.device) -> None:
@@ -160,8 +155,8 @@ class Reference:
     def finetune(self, size: int, steps: int, batch: int, mode: str) -> dict:
         """A whole fine-tuning run of LAVIS's loop on diffusers' parts (tools/reference/run_finetune.py), as the
         pack's node runs one: the photos cropped, the subject's start from its zero-shot embedding, then `steps`
-        steps; `mode` unet+subject (the original) or subject. The peak is this process's resident memory during
-        the run. The UNet is trained in place: later calls start from its changed (random) weights."""
+        steps; `mode` unet+subject (the original) or subject. bench/run.py reads this process's peak memory. The
+        UNet is trained in place: later calls start from its changed (random) weights."""
         from diffusers import DDPMScheduler
 
         if mode not in ("unet+subject", "subject"):
@@ -173,7 +168,6 @@ class Reference:
             )["pixel_values"].to(self.device, pipe.qformer.dtype)
             with torch.no_grad():
                 self.photo_subject = pipe.get_query_embeddings(pixels, ["dog"] * len(photos))
-        reset_peak_rss()
 
         def run():
             with torch.enable_grad():
@@ -196,8 +190,7 @@ class Reference:
                     loop.step()
             pipe.unet.requires_grad_(False).eval()
 
-        result = self._timed(run)
-        return result | {"peak": peak_rss()}
+        return self._timed(run)
 
     def peak_rss(self) -> dict:
         return {"bytes": peak_rss()}
